@@ -1,0 +1,118 @@
+"""Pure-torch paged attention (SDPA): the CPU default and every kernel's reference.
+
+Decode sequences are served by one batched SDPA call over their gathered, padded
+contexts; each prefill chunk gets its own call (there are few per step, and padding a
+long chunk against short ones would waste the step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+
+def store_kv_reference(
+    k: torch.Tensor,  # (T, H_kv, D)
+    v: torch.Tensor,  # (T, H_kv, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # (T,) int64
+) -> None:
+    """Write each token's K/V into its flat slot (reference for the Triton store kernel)."""
+    num_blocks, block_size, h_kv, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """(num_blocks, bs, H_kv, D) + (nb,) -> (length, H_kv, D) of one sequence."""
+    bs = cache.shape[1]
+    nb = (length + bs - 1) // bs
+    return cache[block_table[:nb].long()].flatten(0, 1)[:length]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """SDPA over K/V gathered from the paged cache."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        if meta.num_prefills:
+            start = nd
+            for i, (qlen, ctx) in enumerate(
+                zip(meta.prefill_query_lens_list, meta.prefill_context_lens_list)
+            ):
+                qi = q[start : start + qlen]  # (Q, H, D)
+                table = meta.prefill_block_tables[i]
+                ki = _gather_context(k_cache, table, ctx)  # (C, H_kv, D)
+                vi = _gather_context(v_cache, table, ctx)
+                out[start : start + qlen] = _causal_sdpa(qi, ki, vi, scale)
+                start += qlen
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor,  # (B, H, D)
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        bs = k_cache.shape[1]
+        max_len = max(meta.decode_context_lens_list)
+        nb = (max_len + bs - 1) // bs
+        tables = meta.decode_block_tables[:, :nb].long()  # (B, nb)
+        b = q.shape[0]
+        keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # (B, L, H_kv, D)
+        vals = v_cache[tables].flatten(1, 2)[:, :max_len]
+        pos = torch.arange(max_len, device=q.device)
+        mask = pos[None, :] < meta.decode_context_lens[:, None].to(q.device)  # (B, L)
+        h, h_kv = q.shape[1], keys.shape[2]
+        out = F.scaled_dot_product_attention(
+            q.view(b, h, 1, -1),  # (B, H, 1, D)
+            keys.transpose(1, 2),  # (B, H_kv, L, D)
+            vals.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=h != h_kv,
+        )  # (B, H, 1, D)
+        return out.view(b, h, -1)
+
+
+def _causal_sdpa(
+    q: torch.Tensor,  # (Q, H, D): the last Q positions of a context of length C
+    k: torch.Tensor,  # (C, H_kv, D)
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # (Q, H, D)
+    qlen, ctx = q.shape[0], k.shape[0]
+    h, h_kv = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, ., D)
+    if qlen == ctx:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=h != h_kv
+        )
+    else:
+        # Query i sits at absolute position ctx - qlen + i and sees keys 0..that position.
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=kpos <= qpos, scale=scale, enable_gqa=h != h_kv
+        )
+    return out.transpose(0, 1)
