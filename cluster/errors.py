@@ -1,0 +1,130 @@
+"""OpenAI-shaped errors with machine-readable codes, and FastAPI handlers that never leak a trace.
+
+Every error a client sees has the shape ``{"error": {"message", "type", "param", "code"}}``
+and the matching HTTP status. FastAPI's own 422 validation errors (malformed JSON, wrong
+types, out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
+unexpected exception becomes a generic 500 whose body names the request id, not the stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# Machine-readable codes (production-stack style: "503 PREFILL_POOL_UNAVAILABLE: ...").
+PREFILL_POOL_UNAVAILABLE = "PREFILL_POOL_UNAVAILABLE"
+DECODE_POOL_UNAVAILABLE = "DECODE_POOL_UNAVAILABLE"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+MODEL_NOT_FOUND = "model_not_found"
+REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class KvferryError(Exception):
+    """An error meant for the client: status, OpenAI type, message, optional param and code."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status_code, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that crosses Ray process boundaries (see ``from_dict``)."""
+        return {"status_code": self.status_code, **self.body()["error"]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KvferryError:
+        return cls(d["status_code"], d["message"], code=d.get("code"), param=d.get("param"), type=d.get("type"))
+
+    def __reduce__(self) -> tuple:
+        # Keyword-only args would otherwise be lost when Ray pickles the exception.
+        return (KvferryError.from_dict, (self.to_dict(),))
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> KvferryError:
+    return KvferryError(400, message, param=param, code=code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(err: KvferryError, request_id: str | None = None) -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else None
+    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter from pydantic's error list."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    msg = first.get("msg", "invalid value")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through the OpenAI error shape; nothing else reaches a client."""
+
+    @app.exception_handler(KvferryError)
+    async def _kvferry(request: Request, exc: KvferryError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(bad_request(message, param=param), getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return error_response(KvferryError(exc.status_code, detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None)
+        logger.exception("unhandled error in request %s", rid)
+        return error_response(
+            KvferryError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid
+        )

@@ -1,0 +1,285 @@
+"""OpenAI-compatible request and response models (the HTTP edge) and their engine mapping.
+
+Requests accept the fields OpenAI clients send; unknown fields are ignored (clients send
+many optional knobs) but known fields are validated strictly: a wrong type or an
+out-of-range value is a 400 ``invalid_request_error``, never a 500.
+
+Prompt-cache controls: ``prompt_cache_key`` (OpenAI: a hint that groups requests sharing a
+prefix; forwarded as the routing key) and ``prompt_cache_retention`` (``"in_memory"`` for
+the default sliding TTL, or a duration like ``"24h"``, ``"1h"``, ``"30m"``, ``"90s"``; the
+engine clamps it to its maximum TTL). Anthropic-style ``cache_control: {"type":
+"ephemeral", "ttl": "1h"}`` on message content parts is honoured the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_retention(value: str | None) -> float | None:
+    """Map ``prompt_cache_retention`` to a TTL in seconds (None = the engine's default).
+
+    >>> parse_retention("in_memory") is None, parse_retention("24h"), parse_retention("5m")
+    (True, 86400.0, 300.0)
+    """
+    if value is None or value in ("in_memory", "in-memory", "default", "ephemeral"):
+        return None
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(
+            f"prompt_cache_retention must be 'in_memory' or a duration like '24h', '1h', '5m', got {value!r}"
+        )
+    ttl = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if ttl <= 0:
+        raise ValueError(f"prompt_cache_retention must be positive, got {value!r}")
+    return ttl
+
+
+class _Edge(BaseModel):
+    """Request base: ignore unknown fields (clients send many), validate known ones."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class CacheControl(_Edge):
+    """Anthropic-style cache marker on a content part."""
+
+    type: Literal["ephemeral"] = "ephemeral"
+    ttl: str | None = Field(None, description='e.g. "5m" or "1h".')
+
+
+class ContentPart(_Edge):
+    """One part of a message's content (only text is served by these models)."""
+
+    type: Literal["text"] = "text"
+    text: str
+    cache_control: CacheControl | None = None
+
+
+class ChatMessage(_Edge):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text (content parts concatenated)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def cache_ttl(self) -> str | None:
+        """The longest ``cache_control.ttl`` on this message's parts, if any asked for one."""
+        if not isinstance(self.content, list):
+            return None
+        ttls = [p.cache_control.ttl or "in_memory" for p in self.content if p.cache_control]
+        if not ttls:
+            return None
+        return max(ttls, key=lambda t: parse_retention(t) or 0.0)
+
+
+class StreamOptions(_Edge):
+    """OpenAI ``stream_options``."""
+
+    include_usage: bool = False
+
+
+class _SamplingFields(_Edge):
+    """Sampling and cache fields common to chat and completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate (>= 1).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is served.")
+    user: str | None = None
+    ignore_eos: bool = False
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    prompt_cache_retention: str | None = None
+
+    @field_validator("prompt_cache_retention")
+    @classmethod
+    def _check_retention(cls, v: str | None) -> str | None:
+        parse_retention(v)
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return v
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def retention(self) -> str | None:
+        """``prompt_cache_retention``, else the longest Anthropic-style ``cache_control.ttl``."""
+        if self.prompt_cache_retention is not None:
+            return self.prompt_cache_retention
+        ttls = [t for t in (m.cache_ttl() for m in self.messages) if t is not None]
+        return max(ttls, key=lambda t: parse_retention(t) or 0.0) if ttls else None
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` body (one prompt: a string or a list of token ids)."""
+
+    prompt: str | list[int] = Field(...)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
+        if len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def retention(self) -> str | None:
+        return self.prompt_cache_retention
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    # Always present (0 too): clients read it to measure their cache hit rate.
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvferry"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_request_id(prefix: str = "req") -> str:
+    """A fresh request id (also the ``x-request-id`` header)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_kwargs(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict[str, Any]:
+    """Keyword arguments for ``engine.SamplingParams`` from an OpenAI request."""
+    return {
+        "max_tokens": req.requested_max_tokens() or default_max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "seed": req.seed,
+        "stop": req.stop_list(),
+        "ignore_eos": req.ignore_eos,
+        "cache_ttl_s": parse_retention(req.retention()),
+    }

@@ -1,0 +1,95 @@
+"""OpenAI protocol models and the error handlers, exercised through a bare FastAPI app."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from cluster.errors import KvferryError, install_error_handlers
+from cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_retention, sampling_kwargs
+
+
+def test_retention_mapping() -> None:
+    assert parse_retention(None) is None
+    assert parse_retention("in_memory") is None
+    assert parse_retention("24h") == 86400.0
+    assert parse_retention("5m") == 300.0
+    with pytest.raises(ValueError):
+        parse_retention("forever")
+
+
+def test_chat_request_maps_to_sampling_kwargs() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "be brief",
+                                                "cache_control": {"type": "ephemeral", "ttl": "1h"}}]},
+                {"role": "user", "content": "hi"},
+            ],
+            "max_completion_tokens": 5,
+            "temperature": 0,
+            "stop": "x",
+            "logit_bias": {},  # unknown OpenAI knobs are ignored
+        }
+    )
+    kw = sampling_kwargs(req, default_max_tokens=16)
+    assert kw["max_tokens"] == 5 and kw["temperature"] == 0 and kw["stop"] == ["x"]
+    assert kw["cache_ttl_s"] == 3600.0  # from Anthropic-style cache_control
+    assert req.messages[0].text() == "be brief"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "prompt": "hi", "max_tokens": 0},
+        {"model": "m", "prompt": "hi", "max_tokens": "many"},
+        {"model": "m", "prompt": ""},
+        {"model": "m"},
+        {"model": "m", "prompt": "hi", "prompt_cache_retention": "forever"},
+    ],
+)
+def test_bad_completion_bodies_are_rejected(body: dict) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(body)
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/c")
+    async def c(req: CompletionRequest) -> dict:
+        if req.model != "m":
+            raise KvferryError(404, f"model {req.model} not found", code="model_not_found")
+        return {"ok": True}
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("secret internal detail")
+
+    return app
+
+
+def test_error_handlers_shape_every_error() -> None:
+    client = TestClient(_app(), raise_server_exceptions=False)
+    r = client.post("/c", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/c", json={"model": "m", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/c", json={"model": "other", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.get("/boom")
+    assert r.status_code == 500
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.post("/c", json={"model": "m", "prompt": "x"}).json() == {"ok": True}
+
+
+def test_kvferry_error_survives_pickling() -> None:
+    import pickle
+
+    e = pickle.loads(pickle.dumps(KvferryError(503, "no prefill", code="PREFILL_POOL_UNAVAILABLE")))
+    assert e.status_code == 503 and e.code == "PREFILL_POOL_UNAVAILABLE" and e.type == "service_unavailable"
