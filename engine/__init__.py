@@ -1,1 +1,23 @@
-"""kvferry engine package."""
+"""kvferry's engine: one replica's paged-KV inference engine with a TTL prompt cache.
+
+No Ray in here. The public API (docs/engine-api.md)::
+
+    from engine import LLMEngine, SamplingParams
+    eng = LLMEngine.from_pretrained("default")
+    outs = eng.generate(["What is the capital of France?"], SamplingParams(temperature=0))
+"""
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, KVExport, RemotePrefillPlan, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "EngineConfig",
+    "EngineStats",
+    "KVExport",
+    "LLMEngine",
+    "RemotePrefillPlan",
+    "RequestOutput",
+    "SamplingParams",
+]

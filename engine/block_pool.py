@@ -1,0 +1,256 @@
+"""The pool of KV blocks: free lists, the prompt cache with TTLs, and KV events.
+
+Every block is either *held* (``ref_cnt > 0``: some request's block table points at it)
+or *free*. A free block may still be *cached*: it carries a chained block hash and can be
+handed back to a later request with the same prefix (a prefix-cache hit).
+
+Eviction order when blocks are allocated (pinned by ``test_block_pool.py``):
+
+1. free blocks that cache nothing, in the order they were freed;
+2. cached blocks whose TTL has run out (they are never hits again), oldest expiry first;
+3. unexpired cached blocks, least recently used first (a hit or a release counts as a use).
+
+Held blocks are never evicted. A request releases its blocks tail-first, so the blocks at
+the end of a prompt are evicted before the shared prefix they hang off.
+
+Every cache change appends a KV event (``engine.kv_events``); the engine drains them.
+Methods take an explicit ``now`` so tests drive time with a fake clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from engine.block_hash import BlockHash
+from engine.kv_events import (
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    BlockTouched,
+    KVEvent,
+    Tier,
+)
+
+
+@dataclass(eq=False, slots=True)
+class KVBlock:
+    """Bookkeeping of one physical block of the paged KV cache."""
+
+    block_id: int
+    # Requests whose block table holds this block.
+    ref_cnt: int = 0
+    # Chained hash when the block is in the prompt cache, else None.
+    block_hash: BlockHash | None = None
+    # Hash of the previous block of the prompt (None for a prompt's first block).
+    parent_hash: BlockHash | None = None
+    # The block's tokens, compared on every hit so a hash collision can't return wrong KV.
+    token_ids: tuple[int, ...] | None = None
+    # Absolute expiry of the cached block; a hit slides it to now + ttl_s.
+    expires_at: float = 0.0
+    # Sliding TTL of the cached block (the longest any request asked for).
+    ttl_s: float = 0.0
+
+
+class BlockPool:
+    """Allocates, caches and evicts KV blocks; O(1) per block except expiry (O(log n))."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Free blocks holding nothing reusable, in free order (first out first).
+        self._free_uncached: OrderedDict[int, KVBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks
+        )
+        # Free blocks still in the prompt cache, least recently used first.
+        self._free_cached: OrderedDict[int, KVBlock] = OrderedDict()
+        # The prompt cache: hash -> block (held or free).
+        self._cached: dict[BlockHash, KVBlock] = {}
+        # (expires_at, block_id, hash) of cached blocks; stale entries are skipped lazily.
+        self._expiry_heap: list[tuple[float, int, BlockHash]] = []
+        self._events: list[KVEvent] = []
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_uncached) + len(self._free_cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def usage(self) -> float:
+        """Fraction of blocks held by requests."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def lookup(self, block_hash: BlockHash, token_ids: Sequence[int], now: float) -> KVBlock | None:
+        """The cached, unexpired block for ``block_hash`` whose tokens match, else None."""
+        block = self._cached.get(block_hash)
+        if block is None or block.expires_at <= now:
+            return None
+        if block.token_ids != tuple(token_ids):
+            return None  # a hash collision: never return someone else's KV
+        return block
+
+    # -------------------------------------------------------------- allocation
+    def allocate(self, num_blocks: int, now: float) -> list[KVBlock] | None:
+        """Take ``num_blocks`` free blocks (evicting cached ones if needed); None if too few."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        self.expire(now)
+        out: list[KVBlock] = []
+        evicted: list[BlockHash] = []
+        for _ in range(num_blocks):
+            if self._free_uncached:
+                _, block = self._free_uncached.popitem(last=False)
+            else:
+                _, block = self._free_cached.popitem(last=False)
+                evicted.append(self._uncache(block))
+            block.ref_cnt = 1
+            out.append(block)
+        if evicted:
+            self._events.append(BlockRemoved(tuple(evicted)))
+        return out
+
+    def touch(self, blocks: Iterable[KVBlock], now: float, ttl_s: float) -> None:
+        """Take a reference on cached blocks (prefix hits) and slide their TTL."""
+        touched: dict[float, list[BlockHash]] = {}
+        for block in blocks:
+            if block.ref_cnt == 0:
+                # A free cached block leaves the free list while it is in use.
+                if self._free_cached.pop(block.block_id, None) is None:
+                    raise RuntimeError(f"block {block.block_id} is free but not on a free list")
+            block.ref_cnt += 1
+            if block.block_hash is not None:
+                block.ttl_s = max(block.ttl_s, ttl_s)
+                block.expires_at = now + block.ttl_s
+                heapq.heappush(self._expiry_heap, (block.expires_at, block.block_id, block.block_hash))
+                touched.setdefault(block.expires_at, []).append(block.block_hash)
+        for expires_at, hashes in touched.items():
+            self._events.append(BlockTouched(tuple(hashes), expires_at))
+
+    def free(self, blocks: Iterable[KVBlock], now: float) -> None:
+        """Drop one reference per block, in the given order (pass a block table reversed)."""
+        expired: list[BlockHash] = []
+        for block in blocks:
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"double free of block {block.block_id}")
+            block.ref_cnt -= 1
+            if block.ref_cnt:
+                continue
+            if block.block_hash is None:
+                self._free_uncached[block.block_id] = block
+            elif block.expires_at <= now:
+                expired.append(self._uncache(block))
+                self._free_uncached[block.block_id] = block
+            else:
+                self._free_cached[block.block_id] = block  # most recently used end
+        if expired:
+            self._events.append(BlockRemoved(tuple(expired)))
+
+    # ------------------------------------------------------------------ caching
+    def cache_blocks(
+        self,
+        entries: Sequence[tuple[KVBlock, BlockHash, BlockHash | None, Sequence[int]]],
+        now: float,
+        ttl_s: float,
+    ) -> None:
+        """Put newly full blocks ``(block, hash, parent_hash, token_ids)`` into the prompt cache.
+
+        A hash already cached by another block (two requests computed the same block at
+        once) leaves this block uncached: one copy per hash.
+        """
+        if not self.enable_caching:
+            return
+        expires_at = now + ttl_s
+        run: list[BlockHash] = []
+        run_parent: BlockHash | None = None
+        for block, block_hash, parent, token_ids in entries:
+            if block.block_hash is not None:
+                raise RuntimeError(f"block {block.block_id} is already cached")
+            if block_hash in self._cached:
+                self._flush_stored(run, run_parent, expires_at)
+                run = []
+                continue
+            block.block_hash = block_hash
+            block.parent_hash = parent
+            block.token_ids = tuple(token_ids)
+            block.ttl_s = ttl_s
+            block.expires_at = expires_at
+            self._cached[block_hash] = block
+            heapq.heappush(self._expiry_heap, (expires_at, block.block_id, block_hash))
+            if not run:
+                run_parent = parent
+            run.append(block_hash)
+        self._flush_stored(run, run_parent, expires_at)
+
+    def expire(self, now: float) -> int:
+        """Uncache free blocks whose TTL ran out, oldest expiry first; returns how many."""
+        heap = self._expiry_heap
+        removed: list[BlockHash] = []
+        while heap and heap[0][0] <= now:
+            expires_at, block_id, block_hash = heapq.heappop(heap)
+            block = self.blocks[block_id]
+            if block.block_hash != block_hash or block.expires_at != expires_at:
+                continue  # stale entry: the block was refreshed or reused since
+            if block.ref_cnt:
+                continue  # held blocks are dealt with when freed
+            del self._free_cached[block_id]
+            removed.append(self._uncache(block))
+            self._free_uncached[block_id] = block
+        if removed:
+            self._events.append(BlockRemoved(tuple(removed)))
+        if len(heap) > 4 * self.num_blocks + 64:
+            self._compact_heap()
+        return len(removed)
+
+    def clear_cache(self) -> None:
+        """Forget every cached block (held blocks keep their KV, just not as cache)."""
+        for block in list(self._cached.values()):
+            self._uncache(block)
+        self._free_uncached.update(self._free_cached)
+        self._free_cached.clear()
+        self._expiry_heap.clear()
+        self._events.append(AllCleared())
+
+    def cached_entries(self, now: float) -> list[tuple[BlockHash, BlockHash | None, Tier, float]]:
+        """(hash, parent, tier, expires_at) of every unexpired cached block."""
+        return [
+            (h, b.parent_hash, Tier.DEVICE, b.expires_at)
+            for h, b in self._cached.items()
+            if b.expires_at > now
+        ]
+
+    def take_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ---------------------------------------------------------------- internals
+    def _uncache(self, block: KVBlock) -> BlockHash:
+        block_hash = block.block_hash
+        if block_hash is None:
+            raise RuntimeError(f"block {block.block_id} is not cached")
+        del self._cached[block_hash]
+        block.block_hash = None
+        block.parent_hash = None
+        block.token_ids = None
+        block.expires_at = 0.0
+        block.ttl_s = 0.0
+        return block_hash
+
+    def _flush_stored(self, run: list[BlockHash], parent: BlockHash | None, expires_at: float) -> None:
+        if run:
+            self._events.append(BlockStored(tuple(run), parent, Tier.DEVICE, expires_at))
+
+    def _compact_heap(self) -> None:
+        self._expiry_heap = [
+            (b.expires_at, b.block_id, b.block_hash)
+            for b in self._cached.values()
+            if b.block_hash is not None
+        ]
+        heapq.heapify(self._expiry_heap)

@@ -1,0 +1,142 @@
+"""Runs the model on a scheduled step: builds the flat batch and its paged metadata,
+owns the KV cache tensor, and samples.
+
+The KV cache of all layers is one tensor ``(num_layers, 2, num_blocks, block_size, H_kv, D)``
+so that a list of blocks can be gathered for transfer in one indexing op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, get_attention_backend
+from engine.forward_context import ForwardContext
+from engine.sampler import Sampler
+from engine.scheduler import SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    """Executes one scheduler step on the model and returns the sampled tokens."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        attention_backend: str,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.backend = get_attention_backend(attention_backend)
+        # (L, 2, num_blocks, block_size, H_kv, D): zeros so unused slots are finite.
+        self.kv_cache = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Compute the step; return one sampled token per chunk with ``samples`` True, in order."""
+        chunks = out.chunks
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        for chunk in chunks:
+            req = chunk.request
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = [b.block_id for b in req.blocks]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if chunk.samples:
+                logits_indices.append(len(input_ids) - 1)
+
+        meta = self._metadata(out, slots)
+        ctx = ForwardContext(
+            kv_cache=self.kv_cache,
+            attn_metadata=meta,
+            backend=self.backend,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, ctx)  # (T, hidden)
+        if not logits_indices:
+            return []
+        logits = self.model.compute_logits(hidden[ctx.logits_indices])  # (N, V)
+        sampled = [c for c in chunks if c.samples]
+        return self.sampler.sample(
+            logits,
+            [c.request.params for c in sampled],
+            [c.request.num_output_tokens for c in sampled],
+        )
+
+    def _metadata(self, out: SchedulerOutput, slots: list[int]) -> AttentionMetadata:
+        dev = self.device
+        dec, pre = out.decodes, out.prefills
+        dec_lens = [c.start + 1 for c in dec]
+        pre_qlens = [c.num_tokens for c in pre]
+        pre_ctx = [c.start + c.num_tokens for c in pre]
+        qstart = np.zeros(len(pre) + 1, dtype=np.int32)
+        np.cumsum(pre_qlens, out=qstart[1:])
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(dec),
+            decode_block_tables=self._block_tables(dec, dec_lens),
+            decode_context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=dev),
+            decode_context_lens_list=dec_lens,
+            prefill_block_tables=self._block_tables(pre, pre_ctx),
+            prefill_query_start_loc=torch.from_numpy(qstart).to(dev),
+            prefill_context_lens=torch.tensor(pre_ctx, dtype=torch.int32, device=dev),
+            prefill_query_lens_list=pre_qlens,
+            prefill_context_lens_list=pre_ctx,
+            block_size=self.block_size,
+        )
+
+    def _block_tables(self, chunks: list, lens: list[int]) -> torch.Tensor:
+        """(B, max_blocks) int32 block ids covering each sequence's context, 0-padded."""
+        if not chunks:
+            return torch.zeros((0, 1), dtype=torch.int32, device=self.device)
+        bs = self.block_size
+        width = max(-(-n // bs) for n in lens)
+        table = np.zeros((len(chunks), width), dtype=np.int32)
+        for row, (chunk, n) in enumerate(zip(chunks, lens)):
+            ids = [b.block_id for b in chunk.request.blocks[: -(-n // bs)]]
+            table[row, : len(ids)] = ids
+        return torch.from_numpy(table).to(self.device)
+
+    # ----------------------------------------------------------- KV transfer
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """(L, 2, n, block_size, H_kv, D) contiguous copy of the given blocks."""
+        from kernels.kv_pack import gather_blocks  # noqa: PLC0415 - kernels land independently
+
+        return gather_blocks(self.kv_cache, block_ids)
+
+    def write_blocks(self, block_ids: list[int], buffer: torch.Tensor) -> None:
+        """Inverse of :meth:`read_blocks`."""
+        from kernels.kv_pack import scatter_blocks  # noqa: PLC0415
+
+        scatter_blocks(self.kv_cache, block_ids, buffer)

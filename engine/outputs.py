@@ -1,0 +1,81 @@
+"""Result objects the engine hands to its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class KVExport:
+    """Prefill role: blocks of a finished prompt, leased until ``release_kv_export``."""
+
+    # This engine's block ids holding block indices first_block_index.. of the prompt.
+    block_ids: list[int]
+    # Index (in the prompt's block list) of block_ids[0].
+    first_block_index: int
+    # Prompt tokens whose KV the blocks hold (the last block may be partial).
+    num_tokens: int
+
+
+@dataclass
+class RemotePrefillPlan:
+    """Decode role: a request waiting for its prompt KV from a prefill replica."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Blocks before this index are already cached here and need not travel.
+    first_block_index: int
+    # This engine's blocks that receive block indices first_block_index.. (last may be partial).
+    block_ids: list[int]
+    # Prompt tokens already cached locally.
+    num_local_cached_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after a step (cumulative plus this step's delta)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    # Every generated token so far.
+    token_ids: list[int]
+    # Tokens generated in this step.
+    new_token_ids: list[int]
+    # All generated text so far (stop strings trimmed).
+    text: str
+    # Text added since the previous output of this request.
+    new_text: str
+    finished: bool
+    # "stop", "length", "abort" or None while running.
+    finish_reason: str | None
+    num_prompt_tokens: int
+    # Prompt tokens served from the prompt cache instead of computed.
+    num_cached_tokens: int
+    # Prefill role: the leased blocks to ship (final output only).
+    kv_export: KVExport | None = None
+    # Decode role: True when this replica prefilled the prompt itself.
+    prefilled_locally: bool = False
+
+
+@dataclass
+class EngineStats:
+    """A load snapshot for routers and metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_waiting_for_remote_kv: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    # Fraction of blocks held by requests (cached-but-free blocks count as free).
+    kv_usage: float = 0.0
+    # Prompt tokens admitted or waiting but not yet computed.
+    num_queued_prefill_tokens: int = 0
+    # Cumulative prefix-cache lookups and hits, in tokens (vLLM-compatible counters).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Cumulative preemptions (recompute) since start.
+    num_preemptions: int = 0
+    extra: dict[str, float] = field(default_factory=dict)

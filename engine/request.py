@@ -1,0 +1,102 @@
+"""One request's state inside the engine, and its lifecycle states."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.block_hash import BlockHash
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.block_pool import KVBlock
+
+
+class RequestStatus(enum.Enum):
+    """Lifecycle: WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED -> RUNNING (recompute);
+    decode role: WAITING -> WAITING_FOR_REMOTE_KV -> RUNNING (or back to WAITING on failure)."""
+
+    WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+}
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """Tokens, progress and KV blocks of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    # Effective prompt-cache TTL (request's ask clamped to the engine maximum).
+    ttl_s: float
+    status: RequestStatus = RequestStatus.WAITING
+    # Generated tokens.
+    output_token_ids: list[int] = field(default_factory=list)
+    # Prompt + output; the model has computed KV for the first num_computed_tokens of it.
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Prompt tokens served from the prompt cache at first admission (-1: not admitted yet).
+    num_cached_tokens: int = -1
+    # KV blocks in order; block i holds tokens [i * block_size, (i + 1) * block_size).
+    blocks: list[KVBlock] = field(default_factory=list)
+    # Chained hashes of the full blocks of all_token_ids computed so far (lazily extended).
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    # How many of `blocks` already carry a prefix-cache hash.
+    num_cached_blocks: int = 0
+    # Decode role: ask a prefill replica for the prompt's KV.
+    remote_prefill: bool = False
+    # Prefill role: export blocks from this index when the prompt is done.
+    export_from_block: int | None = None
+    # Decode role: set when the prompt was prefilled on this replica.
+    prefilled_locally: bool = False
+    # Text generated so far and how much of it was already handed out.
+    text: str = ""
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
