@@ -1,0 +1,271 @@
+"""Paged decode attention: one query token per sequence against its paged K/V (GQA).
+
+Flash-decoding: each sequence's context is cut into ``num_splits`` token ranges that run
+in parallel (a batch of a few long sequences would otherwise leave most SMs idle); each
+split writes a partial output and its log-sum-exp, and a second kernel merges them.
+With one split the first kernel writes the final output directly (no second launch).
+
+A program owns one (sequence, KV head, split) and all ``H // H_kv`` query heads that
+share the KV head, so K/V are read once per group. Key tiles are gathered token by token
+through the block table, so the tile width is independent of the KV block size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.launch import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_inner_contiguous,
+    check_launchable,
+    check_shape,
+    lazy_jit,
+    next_power_of_2,
+)
+
+# Key tile width: wide enough for tensor cores, narrow enough that short contexts waste little.
+BLOCK_N = 64
+# Aim for about this many programs in flight before splitting contexts further (~2 waves
+# on a 132-SM H100); more splits add merge traffic for no gain.
+TARGET_PROGRAMS = 256
+# A split shorter than this many tokens costs more in merging than it saves.
+MIN_TOKENS_PER_SPLIT = 256
+
+
+def paged_decode_reference(
+    q: torch.Tensor,  # (B, H, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    v_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    context_lens: torch.Tensor,  # (B,) int32
+    scale: float,
+) -> torch.Tensor:  # (B, H, D)
+    """Pure-torch reference: gather each sequence's context and run SDPA, one at a time."""
+    bs = k_cache.shape[1]
+    h, h_kv = q.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        table = block_tables[b, : (n + bs - 1) // bs].long()
+        keys = k_cache[table].flatten(0, 1)[:n].transpose(0, 1)  # (H_kv, n, D)
+        vals = v_cache[table].flatten(0, 1)[:n].transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q[b][:, None].float(), keys.float(), vals.float(), scale=scale, enable_gqa=h != h_kv
+        )  # (H, 1, D)
+        out[b] = o[:, 0].to(q.dtype)
+    return out
+
+
+@lazy_jit
+def _paged_decode_kernel(
+    q_ptr,  # (B, H, D)
+    k_cache_ptr,  # (num_blocks, block_size, H_kv, D), dense
+    v_cache_ptr,
+    block_tables_ptr,  # (B, max_blocks) int32
+    context_lens_ptr,  # (B,) int32
+    out_ptr,  # (B, H, D) when SINGLE_SPLIT else partial (B, H, num_splits, D) fp32
+    lse_ptr,  # (B, H, num_splits) fp32 (unused when SINGLE_SPLIT)
+    scale_log2,  # softmax scale * log2(e): scores go through exp2
+    tokens_per_split,
+    stride_qb,
+    stride_qh,
+    stride_ob,  # out's strides (used only when SINGLE_SPLIT)
+    stride_oh,
+    stride_bt,
+    num_splits,
+    H: tl.constexpr,
+    H_KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    lo = split * tokens_per_split
+    hi = tl.minimum(ctx, lo + tokens_per_split)
+
+    g = tl.arange(0, BLOCK_G)  # query heads of this KV group
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    d_mask = d < D
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_G, BLOCK_D)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    row: tl.constexpr = H_KV * D  # elements per cached token
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + n  # (BLOCK_N,) token positions
+        n_mask = pos < hi
+        block_ids = tl.load(
+            block_tables_ptr + b.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0
+        )
+        tok = block_ids.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE  # flat slot
+        kv_offs = tok[:, None] * row + kvh * D + d[None, :]  # (BLOCK_N, BLOCK_D)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_G, BLOCK_N)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    o = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if SINGLE_SPLIT:
+        dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        part = (b.to(tl.int64) * H + heads) * num_splits + split  # (BLOCK_G,)
+        tl.store(out_ptr + part[:, None] * D + d[None, :], o, mask=o_mask)
+        # log2-sum-exp2 of the scaled scores; -inf marks an empty split.
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + part, lse, mask=g_mask)
+
+
+@lazy_jit
+def _merge_splits_kernel(
+    partial_ptr,  # (B, H, num_splits, D) fp32
+    lse_ptr,  # (B, H, num_splits) fp32, log2 domain
+    out_ptr,  # (B, H, D)
+    stride_ob,
+    stride_oh,
+    num_splits,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
+    base = b.to(tl.int64) * H + h
+    lse = tl.load(lse_ptr + base * num_splits + s, mask=s_mask, other=float("-inf"))
+    # Split 0 always holds token 0, so the max is finite.
+    w = tl.exp2(lse - tl.max(lse, 0))  # (BLOCK_S,)
+    part = tl.load(
+        partial_ptr + (base * num_splits + s)[:, None] * D + d[None, :],
+        mask=s_mask[:, None] & (d < D)[None, :],
+        other=0.0,
+    )  # (BLOCK_S, BLOCK_D)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    dst = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int) -> int:
+    """Splits per sequence: enough programs to fill the GPU, none shorter than the minimum."""
+    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
+    by_occupancy = max(1, TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+    return min(by_length, by_occupancy)
+
+
+def paged_decode(
+    q: torch.Tensor,  # (B, H, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    v_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    context_lens: torch.Tensor,  # (B,) int32
+    scale: float,
+    *,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # (B, H, D)
+) -> torch.Tensor:  # (B, H, D)
+    """Triton paged decode attention.
+
+    ``max_context_len`` bounds every ``context_lens`` entry; pass it (or ``num_splits``)
+    from host-side bookkeeping so the launch never syncs on the device — and pass fixed
+    values when capturing a CUDA graph, since the grid is baked into the graph. Without
+    it the bound is the whole block table.
+    """
+    name = "paged_decode"
+    check_launchable(name, q, k_cache, v_cache, block_tables, context_lens)
+    check_shape(name, "q", q, (None, None, None))
+    check_shape(name, "k_cache", k_cache, (None, None, None, q.shape[2]))
+    batch, h, d = q.shape
+    nb, bs, h_kv, _ = k_cache.shape
+    check_shape(name, "v_cache", v_cache, (nb, bs, h_kv, d))
+    check_shape(name, "block_tables", block_tables, (batch, None))
+    check_shape(name, "context_lens", context_lens, (batch,))
+    check_dtype(name, "q", q, FLOAT_DTYPES)
+    check_dtype(name, "k_cache", k_cache, (q.dtype,))
+    check_dtype(name, "v_cache", v_cache, (q.dtype,))
+    check_dtype(name, "block_tables", block_tables, (torch.int32,))
+    check_dtype(name, "context_lens", context_lens, (torch.int32,))
+    if h % h_kv:
+        raise ValueError(f"{name}: {h} query heads is not a multiple of {h_kv} KV heads")
+    check_inner_contiguous(name, "q", q, 1)
+    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError(f"{name}: k_cache and v_cache must be contiguous")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"{name}: block_tables must be contiguous along its last dim")
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        check_shape(name, "out", out, (batch, h, d))
+        check_dtype(name, "out", out, (q.dtype,))
+        check_inner_contiguous(name, "out", out, 1)
+    if batch == 0:
+        return out
+
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * bs
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, h_kv, max_context_len)
+    # Whole key tiles per split, so only the last tile of a split is ragged.
+    tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))
+    group = h // h_kv
+    consts = dict(
+        H=h, H_KV=h_kv, D=d, BLOCK_SIZE=bs, GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)),  # tl.dot needs M >= 16
+        BLOCK_D=max(16, next_power_of_2(d)),
+        BLOCK_N=BLOCK_N,
+    )
+    scale_log2 = scale * math.log2(math.e)
+    if num_splits == 1:
+        _paged_decode_kernel[(batch, h_kv, 1)](
+            q, k_cache, v_cache, block_tables, context_lens, out, out, scale_log2,
+            tokens_per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            block_tables.stride(0), 1,
+            SINGLE_SPLIT=True, **consts,
+        )
+        return out
+    partial = torch.empty(batch, h, num_splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, h, num_splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, h_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2,
+        tokens_per_split, q.stride(0), q.stride(1), 0, 0, block_tables.stride(0), num_splits,
+        SINGLE_SPLIT=False, **consts,
+    )
+    _merge_splits_kernel[(batch, h)](
+        partial, lse, out, out.stride(0), out.stride(1), num_splits,
+        H=h, D=d, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(d),
+    )
+    return out

@@ -1,0 +1,59 @@
+"""Kernel tests run every Triton kernel against its torch reference.
+
+On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, fp32 and fp16: the
+interpreter computes bf16 wrong); on a CUDA machine the ``gpu`` cases run them compiled,
+in bf16 and fp16. ``kernels.launch.lazy_jit`` picks the mode at launch time, so the
+``case`` fixture can switch it per test.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+# Before anything imports triton: CPU runs (CI) interpret unless told otherwise.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+
+@dataclass(frozen=True)
+class Case:
+    """Where and in which precision a kernel test runs."""
+
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def atol(self) -> float:
+        # Kernels keep fp32 accumulators but feed tl.dot half-precision probabilities.
+        return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[self.dtype]
+
+
+CASES = [
+    pytest.param(Case("cpu", torch.float32), id="interp-fp32"),
+    pytest.param(Case("cpu", torch.float16), id="interp-fp16"),
+    pytest.param(Case("cuda", torch.bfloat16), id="cuda-bf16", marks=pytest.mark.gpu),
+    pytest.param(Case("cuda", torch.float16), id="cuda-fp16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Case:
+    """A (device, dtype) case, with the Triton interpreter switched on for CPU only."""
+    c: Case = request.param
+    if c.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if c.device == "cpu" else "0")
+    torch.manual_seed(0)
+    return c
+
+
+@pytest.fixture
+def compiled_mode_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton in compiled mode on a CPU-only tensor: launches must be refused clearly."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
