@@ -1,0 +1,157 @@
+"""One generic pre-norm decoder for Llama, Mistral, Qwen2 and Qwen3 (flags in ModelConfig).
+
+Module names mirror transformers' (``model.layers.N.self_attn...``) so checkpoint names map
+one-to-one, except the fused ``qkv_proj`` and ``gate_up_proj`` which ``load_weights``
+fills shard by shard.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import ForwardContext
+from engine.models.attention import Attention
+from engine.models.config import ModelConfig
+from engine.models.layers import Linear, RMSNorm, SwiGLUMLP, empty_param
+from engine.models.rotary import RotaryEmbedding
+
+# HF projection name -> (our fused module name, shard name inside it).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q_proj"),
+    "k_proj": ("qkv_proj", "k_proj"),
+    "v_proj": ("qkv_proj", "v_proj"),
+    "gate_proj": ("gate_up_proj", "gate_proj"),
+    "up_proj": ("gate_up_proj", "up_proj"),
+}
+_FUSED_RE = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+# Checkpoint entries that carry no parameters of ours (old exports saved RoPE buffers).
+_IGNORED_RE = re.compile(r"(rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached)$")
+
+
+class DecoderLayer(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``, residual adds fused into the norms."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, dtype, device)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (T, hidden): previous sub-layer output, not yet added
+        residual: torch.Tensor,  # (T, hidden): the residual stream, updated in place
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        x = self.self_attn(x, cos, sin, ctx)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, the layer stack and the final norm (HF's ``model.``)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        residual = F.embedding(input_ids, self.embed_tokens.weight)  # (T, hidden), fresh: ours to mutate
+        cos, sin = self.rotary_emb.cos_sin(positions, residual.dtype)  # (T, 1, D/2) each
+        # The first layer's "previous output" is zero, so its add_and_norm just normalises.
+        hidden = torch.zeros_like(residual)
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+        residual.add_(hidden)
+        return self.norm(residual)
+
+
+class DecoderForCausalLM(nn.Module):
+    """The model the engine runs: ``forward`` -> hidden states, ``compute_logits`` -> fp32 logits."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head: nn.Module = self.model.embed_tokens  # same Parameter, loaded once
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        ctx: ForwardContext,
+    ) -> torch.Tensor:  # (T, hidden)
+        if input_ids.dim() != 1 or input_ids.shape != positions.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (T,)")
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) fp32
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
+        """Copy HF-named tensors into our (fused) parameters; return the HF names consumed.
+
+        With ``strict`` (the default) every parameter must be fully covered by the end,
+        else ``ValueError`` lists what the checkpoint lacks. Unknown names are an error too:
+        silently dropping a tensor would give a model that runs but talks nonsense.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        covered: dict[str, int] = {}  # our param name -> rows (or elements) written so far
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if _IGNORED_RE.search(name):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # tied: lm_head *is* embed_tokens (some exports save both)
+            m = _FUSED_RE.match(name)
+            if m:
+                prefix, proj, kind = m.groups()
+                fused, shard = _FUSED[proj]
+                module = modules.get(f"{prefix}.{fused}")
+                if not isinstance(module, Linear):
+                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+                target = getattr(module, kind)
+                if target is None:
+                    raise ValueError(f"checkpoint has {name!r} but the config says this projection has no bias")
+                offset, rows = module.shard_offsets[shard]
+                _copy(name, target.narrow(0, offset, rows), tensor)
+                key = f"{prefix}.{fused}.{kind}"
+                covered[key] = covered.get(key, 0) + rows
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+                _copy(name, params[name], tensor)
+                covered[name] = covered.get(name, 0) + params[name].shape[0]
+            loaded.add(name)
+        if strict:
+            missing = [n for n, p in params.items() if covered.get(n, 0) < p.shape[0]]
+            if self.config.tie_word_embeddings:
+                missing = [n for n in missing if n != "lm_head.weight"]
+            if missing:
+                shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+                raise ValueError(f"checkpoint lacks {len(missing)} parameter(s): {shown}")
+        return loaded
+
+
+def _copy(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)  # casts dtype and moves device
