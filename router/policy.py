@@ -1,0 +1,219 @@
+"""Routing policies: pure functions of snapshots that rank replicas for one request.
+
+No I/O, no clocks, no Ray: the Serve ``RequestRouter`` adapters (``router.serve_routers``)
+and the trace simulator (``router.replay``) gather the same snapshots — the request's
+block hashes and token count, per-replica load, the directory's prefix match — and call
+the very same functions, so what ``kvferry replay`` measures is what production runs.
+
+Prefill pool (:func:`rank_replicas`), the Dynamo-style time-to-first-token cost::
+
+    cost(r) = queued_prefill_tokens(r) + uncached_tokens(r)
+    uncached_tokens(r) = num_tokens - block_size * (1.0 * device + 0.75 * host + 0.25 * disk)
+
+where ``device/host/disk`` count the leading blocks ``r`` holds in each tier (a block in a
+slower tier must still be loaded, so it saves less than a device block) and the last
+prompt token is always recomputed. Both terms are tokens of prefill work, divided by the
+replica's prefill speed when it reports one, so the cost reads as seconds until the first
+token. A **load-imbalance valve** then demotes replicas whose queue exceeds
+``imbalance_ratio`` x the shortest queue plus ``imbalance_abs_tokens``: a hot prefix may
+pull traffic onto its replica, but not starve the rest of the pool. Full replicas are
+never ranked.
+
+Decode pool (:func:`rank_decode_replicas`): conversation affinity against decode load::
+
+    cost(r) = load(r) - affinity_weight * cached_fraction(r)
+    load(r) = max(num_running / max_num_seqs, kv_usage)
+
+so a multi-turn chat returns to the replica holding its history unless that replica is
+clearly busier than the others.
+
+Ties are broken deterministically by rendezvous hashing of the prompt's first block
+hash with the replica id (then the id itself): equal-cost replicas are ordered the same
+way every time for the same prompt, while different cold prompts spread over the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from engine.block_hash import BlockHash
+from router.directory import PrefixMatch
+
+# Fraction of a cached block's prefill work saved, per tier (device, host, disk).
+DEFAULT_TIER_CREDITS: tuple[float, float, float] = (1.0, 0.75, 0.25)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """The request as the router sees it."""
+
+    # Chained hashes of the prompt's full blocks (engine.block_hash).
+    block_hashes: Sequence[BlockHash]
+    # Prompt length in tokens (>= len(block_hashes) * block_size).
+    num_tokens: int
+    # Tokens per block.
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """One replica's load snapshot (engine stats plus the router's own in-flight view)."""
+
+    replica_id: str
+    # Prompt tokens admitted but not prefilled yet (waiting + the rest of running prefills).
+    queued_prefill_tokens: int = 0
+    # Sequences running / waiting on the replica.
+    num_running: int = 0
+    num_waiting: int = 0
+    # Capacity in sequences; None = unknown (never "full" on this count).
+    max_num_seqs: int | None = None
+    # KV cache usage in [0, 1].
+    kv_usage: float = 0.0
+    # Free KV blocks; None = unknown.
+    num_free_blocks: int | None = None
+    # Measured prefill speed; None = assume the pool is homogeneous (cost in tokens).
+    prefill_tokens_per_s: float | None = None
+    # The replica refuses new work right now (e.g. Serve's max_ongoing_requests reached).
+    is_full: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPolicyConfig:
+    """Knobs of :func:`rank_replicas`."""
+
+    # Work saved by a cached block, per tier (device, host, disk).
+    tier_credits: tuple[float, float, float] = DEFAULT_TIER_CREDITS
+    # Weight of the request's own uncached tokens against the queue ahead of it.
+    uncached_weight: float = 1.0
+    # Valve: a queue longer than ratio * shortest + abs tokens is demoted.
+    imbalance_ratio: float = 2.0
+    imbalance_abs_tokens: int = 32_768
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePolicyConfig:
+    """Knobs of :func:`rank_decode_replicas`."""
+
+    tier_credits: tuple[float, float, float] = DEFAULT_TIER_CREDITS
+    # How much a fully cached conversation is worth, in units of load (0..1).
+    affinity_weight: float = 0.5
+    # Valve: replicas more than this much load above the least loaded one are demoted.
+    imbalance_load: float = 0.5
+
+
+def cached_tokens(match: PrefixMatch | None, request: RequestInfo, credits: tuple[float, float, float]) -> float:
+    """Tier-weighted prefill tokens a replica's match saves (never the last token)."""
+    if match is None or match.num_blocks == 0:
+        return 0.0
+    d, h, k = match.blocks_per_tier
+    if d + h + k != match.num_blocks:  # a bare (num_blocks, tier) match: all in `tier`
+        per = [0, 0, 0]
+        per[int(match.tier)] = match.num_blocks
+        d, h, k = per
+    saved = request.block_size * (credits[0] * d + credits[1] * h + credits[2] * k)
+    return min(saved, float(max(request.num_tokens - 1, 0)))
+
+
+def _tiebreak(request: RequestInfo, replica_id: str) -> int:
+    seed = request.block_hashes[0] & 0xFFFFFFFFFFFFFFFF if request.block_hashes else 0
+    return xxhash.xxh3_64_intdigest(replica_id.encode(), seed=seed)
+
+
+def _validate(request: RequestInfo) -> None:
+    if request.block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {request.block_size}")
+    if request.num_tokens < len(request.block_hashes) * request.block_size:
+        raise ValueError(
+            f"num_tokens={request.num_tokens} is shorter than its "
+            f"{len(request.block_hashes)} full blocks of {request.block_size}"
+        )
+
+
+def _is_full(load: ReplicaLoad, need_blocks: int) -> bool:
+    if load.is_full:
+        return True
+    if load.max_num_seqs is not None and load.num_running + load.num_waiting >= load.max_num_seqs:
+        return True
+    return load.num_free_blocks is not None and load.num_free_blocks < need_blocks
+
+
+def prefill_costs(
+    request: RequestInfo,
+    loads: Sequence[ReplicaLoad],
+    matches: Mapping[str, PrefixMatch],
+    config: PrefillPolicyConfig = PrefillPolicyConfig(),
+) -> dict[str, float]:
+    """Estimated time to first token (tokens, or seconds with a measured speed) per replica."""
+    _validate(request)
+    out = {}
+    for ld in loads:
+        uncached = request.num_tokens - cached_tokens(matches.get(ld.replica_id), request, config.tier_credits)
+        work = ld.queued_prefill_tokens + config.uncached_weight * uncached
+        out[ld.replica_id] = work / ld.prefill_tokens_per_s if ld.prefill_tokens_per_s else float(work)
+    return out
+
+
+def rank_replicas(
+    request: RequestInfo,
+    loads: Sequence[ReplicaLoad],
+    matches: Mapping[str, PrefixMatch],
+    config: PrefillPolicyConfig = PrefillPolicyConfig(),
+) -> list[str]:
+    """Prefill pool: replica ids, best first; full replicas are left out (may be empty)."""
+    costs = prefill_costs(request, loads, matches, config)
+    need = 0  # a prefill replica allocates as it goes; only Serve's own fullness counts
+    open_ = [ld for ld in loads if not _is_full(ld, need)]
+    if not open_:
+        return []
+    shortest = min(ld.queued_prefill_tokens for ld in open_)
+    limit = config.imbalance_ratio * shortest + config.imbalance_abs_tokens
+
+    def key(ld: ReplicaLoad) -> tuple:
+        demoted = ld.queued_prefill_tokens > limit
+        return (demoted, costs[ld.replica_id], _tiebreak(request, ld.replica_id), ld.replica_id)
+
+    return [ld.replica_id for ld in sorted(open_, key=key)]
+
+
+def rank_decode_replicas(
+    request: RequestInfo,
+    loads: Sequence[ReplicaLoad],
+    matches: Mapping[str, PrefixMatch],
+    config: DecodePolicyConfig = DecodePolicyConfig(),
+) -> list[str]:
+    """Decode pool: replica ids, best first; full replicas are left out (may be empty).
+
+    A replica is full when it runs ``max_num_seqs`` sequences or lacks the free KV
+    blocks for the part of the prompt (plus one block to decode into) it does not hold.
+    """
+    _validate(request)
+    num_blocks_total = -(-request.num_tokens // request.block_size) + 1
+    scored = []
+    for ld in loads:
+        m = matches.get(ld.replica_id)
+        held = m.num_blocks if m is not None else 0
+        if _is_full(ld, num_blocks_total - held):
+            continue
+        frac = ld.num_running / ld.max_num_seqs if ld.max_num_seqs else 0.0
+        load = max(frac, ld.kv_usage)
+        affinity = cached_tokens(m, request, config.tier_credits) / max(request.num_tokens, 1)
+        scored.append((load, load - config.affinity_weight * affinity, ld.replica_id))
+    if not scored:
+        return []
+    least = min(s[0] for s in scored)
+    scored.sort(key=lambda s: (s[0] > least + config.imbalance_load, s[1], _tiebreak(request, s[2]), s[2]))
+    return [s[2] for s in scored]
+
+
+def merge_matches(*sources: Mapping[str, PrefixMatch]) -> dict[str, PrefixMatch]:
+    """Per replica, the longest of several matches (directory + speculative entries)."""
+    out: dict[str, PrefixMatch] = {}
+    for src in sources:
+        for rid, m in src.items():
+            cur = out.get(rid)
+            if cur is None or m.num_blocks > cur.num_blocks:
+                out[rid] = m
+    return out
