@@ -9,7 +9,6 @@ in bf16 and fp16. ``kernels.launch.lazy_jit`` picks the mode at launch time, so 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,26 +19,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-
-@dataclass(frozen=True)
-class Case:
-    """Where and in which precision a kernel test runs."""
-
-    device: str
-    dtype: torch.dtype
-
-    @property
-    def atol(self) -> float:
-        # Kernels keep fp32 accumulators but feed tl.dot half-precision probabilities.
-        return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[self.dtype]
-
-
-CASES = [
-    pytest.param(Case("cpu", torch.float32), id="interp-fp32"),
-    pytest.param(Case("cpu", torch.float16), id="interp-fp16"),
-    pytest.param(Case("cuda", torch.bfloat16), id="cuda-bf16", marks=pytest.mark.gpu),
-    pytest.param(Case("cuda", torch.float16), id="cuda-fp16", marks=pytest.mark.gpu),
-]
+from tests.kernels.kernel_test_inputs import CASES, Case  # noqa: E402
 
 
 @pytest.fixture(params=CASES)

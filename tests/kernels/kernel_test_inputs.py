@@ -1,8 +1,32 @@
-"""Random paged-KV fixtures shared by the attention kernel tests (not a test module)."""
+"""Test cases (device x dtype) and random paged-KV inputs shared by the kernel tests."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pytest
 import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """Where and in which precision a kernel test runs."""
+
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def atol(self) -> float:
+        # Kernels keep fp32 accumulators but feed tl.dot half-precision probabilities.
+        return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[self.dtype]
+
+
+CASES = [
+    pytest.param(Case("cpu", torch.float32), id="interp-fp32"),
+    pytest.param(Case("cpu", torch.float16), id="interp-fp16"),
+    pytest.param(Case("cuda", torch.bfloat16), id="cuda-bf16", marks=pytest.mark.gpu),
+    pytest.param(Case("cuda", torch.float16), id="cuda-fp16", marks=pytest.mark.gpu),
+]
 
 
 def random_paged_cache(case, num_blocks: int, block_size: int, h_kv: int, d: int):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.paged_decode import choose_num_splits, paged_decode, paged_decode_reference
-from kernel_test_inputs import random_block_tables, random_paged_cache
+from tests.kernels.kernel_test_inputs import random_block_tables, random_paged_cache
 
 BS = 8  # KV block size: small so contexts cross many block boundaries
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.prefill_attention import prefill_attention, prefill_attention_reference
-from kernel_test_inputs import random_block_tables, random_paged_cache
+from tests.kernels.kernel_test_inputs import random_block_tables, random_paged_cache
 
 BS = 8
 
