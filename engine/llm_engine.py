@@ -27,8 +27,6 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-
 
 class LLMEngine:
     """Serves requests on one model replica; not thread-safe (drive it from one thread)."""
@@ -88,7 +86,8 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str | Path = "default", **options: Any) -> LLMEngine:
         """Load ``model`` (HF dir, .gguf file or "default") with EngineConfig ``options``."""
-        from engine.loader import load_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
+        from engine.loader import load_model, resolve_model_path, served_model_name  # noqa: PLC0415
+        from engine.tokenizer import load_tokenizer  # noqa: PLC0415
 
         names = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(options) - names)
@@ -104,7 +103,7 @@ class LLMEngine:
             tokenizer = load_tokenizer(path)
         except (OSError, ValueError):
             tokenizer = None  # token-id prompts still work; text prompts raise a clear error
-        model_id = DEFAULT_MODEL_ID if str(model) == "default" else Path(str(model)).name.removesuffix(".gguf")
+        model_id = served_model_name(str(model))
         return cls(net, model_config, tokenizer, config, model_id)
 
     # ---------------------------------------------------------------- tokens
@@ -115,7 +114,7 @@ class LLMEngine:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own chat template."""
-        from engine.loader import encode_chat  # noqa: PLC0415
+        from engine.tokenizer import encode_chat  # noqa: PLC0415
 
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_id!r} has no tokenizer and hence no chat template")
