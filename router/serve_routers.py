@@ -1,0 +1,190 @@
+"""Ray Serve ``RequestRouter`` adapters: gather snapshots, await the directory, call the policy.
+
+Use them through a deployment's request-router config::
+
+    RequestRouterConfig(
+        request_router_class="router.serve_routers.PrefillRequestRouter",
+        request_router_kwargs={"pool": "prefill"},
+        request_routing_stats_period_s=1.0,
+    )
+
+Per request (``choose_replicas``):
+
+1. Find the request's :class:`router.hints.RoutingHints` (none: power of two choices).
+2. Load snapshot per replica: the replica's ``record_routing_stats()`` dict (keys as in
+   ``ReplicaLoad``: ``queued_prefill_tokens``, ``num_running``, ``num_waiting``,
+   ``max_num_seqs``, ``kv_usage``, ``num_free_blocks``, ``prefill_tokens_per_s``), raised to
+   at least this router's own in-flight tokens on that replica (stats are periodic and
+   stale; what we sent since is certain), and Serve's queue-length cache for fullness.
+3. ``await`` the directory's lookup with a short timeout (never ``ray.get`` on the loop);
+   merge this router's speculative entries.
+4. Call the pure policy and return one rank per replica, best first. If the directory is
+   unreachable or slow, fall back to power-of-two choices.
+
+Replica ids in the directory are Serve's full replica ids
+(``serve.get_replica_context().replica_id.to_full_id_str()``): replicas must give that
+string to their engine as ``replica_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+
+from router.directory import PrefixMatch
+from router.directory_actor import get_or_create_directory
+from router.hints import RoutingHints, find_hints
+from router.policy import (
+    DecodePolicyConfig,
+    PrefillPolicyConfig,
+    ReplicaLoad,
+    RequestInfo,
+    merge_matches,
+    rank_decode_replicas,
+    rank_replicas,
+)
+from router.speculative import SpeculativeRoutes
+
+logger = logging.getLogger(__name__)
+
+_STATS_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "max_num_seqs", "kv_usage",
+               "num_free_blocks", "prefill_tokens_per_s")
+
+
+class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    """Shared plumbing of the two pools' routers; subclasses pick the policy."""
+
+    def initialize_state(
+        self,
+        pool: str = "prefill",
+        namespace: str | None = None,
+        lookup_timeout_s: float = 0.1,
+        speculative_ttl_s: float = 10.0,
+        directory: Any = None,
+    ) -> None:
+        """Called by Serve with ``request_router_kwargs``; ``directory`` is for tests."""
+        self._directory = directory if directory is not None else get_or_create_directory(pool, namespace)
+        self._lookup_timeout_s = lookup_timeout_s
+        self._spec = SpeculativeRoutes(ttl_s=speculative_ttl_s)
+        # internal_request_id -> (replica full id, tokens) for requests sent, not completed.
+        self._inflight: dict[str, tuple[str, int]] = {}
+        self._inflight_tokens: dict[str, int] = {}
+        self.num_directory_failures = 0
+        self.num_policy_routes = 0
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def _load(self, r: RunningReplica) -> ReplicaLoad:
+        rid = r.replica_id.to_full_id_str()
+        stats = r.routing_stats or {}
+        kw = {k: stats[k] for k in _STATS_KEYS if stats.get(k) is not None}
+        kw["queued_prefill_tokens"] = max(int(kw.get("queued_prefill_tokens", 0)), self._inflight_tokens.get(rid, 0))
+        q = self._replica_queue_len_cache.get(r.replica_id)
+        full = q is not None and q >= r.max_ongoing_requests
+        return ReplicaLoad(rid, is_full=full, **kw)
+
+    async def _matches(self, hints: RoutingHints) -> dict[str, PrefixMatch] | None:
+        try:
+            found = await asyncio.wait_for(self._directory.lookup.remote(list(hints.block_hashes)),
+                                           self._lookup_timeout_s)
+        except Exception as e:  # noqa: BLE001 - unreachable/slow directory: degrade, don't fail
+            self.num_directory_failures += 1
+            logger.debug("KV directory lookup failed: %r", e)
+            return None
+        return merge_matches(found, self._spec.lookup(hints.block_hashes, time.time()))
+
+    def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
+        raise NotImplementedError
+
+    # -- RequestRouter API ------------------------------------------------------------
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        """One rank per replica, best first (power of two choices without hints/directory)."""
+        hints = find_hints(pending_request.args, pending_request.kwargs) if pending_request else None
+        matches = await self._matches(hints) if hints is not None and candidate_replicas else None
+        if hints is None or matches is None:
+            return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
+        info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size)
+        ranked = self._rank(info, [self._load(r) for r in candidate_replicas], matches)
+        if not ranked:
+            return []
+        self.num_policy_routes += 1
+        # We returned every rank we have: if none accepts, back off before asking again.
+        pending_request.routing_context.should_backoff = True
+        return [[by_id[rid]] for rid in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
+        """Record a speculative entry and the in-flight tokens for the chosen replica."""
+        hints = find_hints(pending_request.args, pending_request.kwargs)
+        if hints is None:
+            return
+        rid = replica_id.to_full_id_str()
+        self._spec.record(hints.block_hashes, rid, time.time())
+        req_id = pending_request.metadata.internal_request_id
+        self._inflight[req_id] = (rid, hints.num_tokens)
+        self._inflight_tokens[rid] = self._inflight_tokens.get(rid, 0) + hints.num_tokens
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Release the in-flight tokens of a finished request."""
+        entry = self._inflight.pop(internal_request_id, None)
+        if entry is not None:
+            rid, n = entry
+            left = self._inflight_tokens.get(rid, 0) - n
+            if left > 0:
+                self._inflight_tokens[rid] = left
+            else:
+                self._inflight_tokens.pop(rid, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        """Forget a dead replica here and in the directory (fire and forget)."""
+        super().on_replica_actor_died(replica_id)
+        rid = replica_id.to_full_id_str()
+        self._spec.drop_replica(rid)
+        self._inflight_tokens.pop(rid, None)
+        try:
+            self._directory.drop_replica.remote(rid)
+        except Exception:  # noqa: BLE001 - the directory may be down; it forgets on restart
+            pass
+
+
+class PrefillRequestRouter(_KVAwareRouter):
+    """Prefill pool: estimated time to first token (``router.policy.rank_replicas``)."""
+
+    def initialize_state(self, pool: str = "prefill", **kwargs: Any) -> None:
+        cfg = {k: kwargs.pop(k) for k in ("imbalance_ratio", "imbalance_abs_tokens", "uncached_weight") if k in kwargs}
+        self._config = PrefillPolicyConfig(**cfg)
+        super().initialize_state(pool=pool, **kwargs)
+
+    def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
+        return rank_replicas(info, loads, matches, self._config)
+
+
+class DecodeRequestRouter(_KVAwareRouter):
+    """Decode pool: conversation affinity vs decode load (``rank_decode_replicas``)."""
+
+    def initialize_state(self, pool: str = "decode", **kwargs: Any) -> None:
+        cfg = {k: kwargs.pop(k) for k in ("affinity_weight", "imbalance_load") if k in kwargs}
+        self._config = DecodePolicyConfig(**cfg)
+        super().initialize_state(pool=pool, **kwargs)
+
+    def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
+        return rank_decode_replicas(info, loads, matches, self._config)
