@@ -72,7 +72,7 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self,
         pool: str = "prefill",
         namespace: str | None = None,
-        lookup_timeout_s: float = 0.1,
+        lookup_timeout_s: float = 0.25,
         speculative_ttl_s: float = 10.0,
         directory: Any = None,
     ) -> None:
