@@ -67,6 +67,10 @@ class ModelConfig(_Strict):
         "float32", description="Weights and KV dtype."
     )
     attention_backend: str = Field("torch", description='Attention backend name ("torch", "triton").')
+    max_model_len: int | None = Field(None, ge=1, description="Context limit; None = the model's own.")
+    default_max_tokens: int = Field(
+        256, ge=1, description="Tokens generated when a request sets no max_tokens (capped by the context)."
+    )
 
 
 class CacheConfig(_Strict):
@@ -168,6 +172,32 @@ class ServeConfig(_Strict):
                 raise ValueError(f"unknown config key: {dotted}")
             node[leaf] = value
         return type(self).model_validate(data)
+
+    def pool(self, role: str) -> PoolConfig:
+        """The pool config of a role ("prefill", "decode" or "mixed")."""
+        return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}[role]
+
+    def engine_options(self, role: str, replica_id: str) -> dict[str, Any]:
+        """Keyword arguments for ``engine.LLMEngine.from_pretrained`` for one replica."""
+        pool = self.pool(role)
+        return {
+            "role": role,
+            "replica_id": replica_id,
+            "block_size": self.model.block_size,
+            "kv_cache_memory_bytes": self.model.kv_cache_memory_bytes,
+            "num_kv_blocks": self.model.num_kv_blocks,
+            "max_num_seqs": pool.max_num_seqs,
+            "max_num_batched_tokens": pool.max_num_batched_tokens,
+            "max_model_len": self.model.max_model_len,
+            "default_ttl_s": self.cache.default_ttl_s,
+            "max_ttl_s": self.cache.max_ttl_s,
+            "local_prefill_threshold": self.cache.local_prefill_threshold if role == "decode" else 0,
+            "export_lease_timeout_s": self.cache.export_lease_timeout_s,
+            "dtype": self.model.dtype,
+            "device": "cuda" if pool.num_gpus > 0 else "cpu",
+            "attention_backend": self.model.attention_backend,
+            "num_threads": pool.torch_threads,
+        }
 
     def to_yaml(self) -> str:
         """Dump as YAML (round-trips through ``from_yaml``)."""

@@ -83,21 +83,30 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ready: asyncio.Future[None] | None = None
+        self._ready_event = threading.Event()
         self._dead: BaseException | None = None
         self.engine: Any = None  # read only from the loop thread (or after shutdown)
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Build the engine on the loop thread (model load) and start stepping."""
+    def start_blocking(self, timeout_s: float | None = None) -> None:
+        """Build the engine on the loop thread and wait for it (use in replica constructors).
+
+        Blocking is right there: Serve reports the replica as starting until it returns.
+        """
         if self._thread is not None:
             raise RuntimeError("EngineLoop already started")
-        self._loop = asyncio.get_running_loop()
-        self._ready = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
-        await self._ready
+        if not self._ready_event.wait(timeout_s):
+            raise RuntimeError(f"engine did not load within {timeout_s}s")
+        if self._dead is not None:
+            raise self._dead
+
+    async def start(self) -> None:
+        """Async ``start_blocking``: the model loads without blocking this event loop."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.start_blocking)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop the loop thread (pending requests see ``EngineDeadError``)."""
@@ -114,7 +123,8 @@ class EngineLoop:
     async def call(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(engine)`` on the loop thread between steps and return its result."""
         self._check_alive()
-        assert self._loop is not None
+        # The replica's event loop: outputs, plans and events are delivered onto it.
+        self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = self._loop.create_future()
         self._commands.put((fn, fut))
         return await fut
@@ -144,7 +154,8 @@ class EngineLoop:
     # ------------------------------------------------------------ the loop thread
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
+        if self._loop is None:  # nothing was ever asked of us: nobody to tell
+            return
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # event loop closed during shutdown
@@ -162,11 +173,11 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine = self._factory()
-        except BaseException as e:  # noqa: BLE001 - reported to start()'s awaiter
+        except BaseException as e:  # noqa: BLE001 - reported to start()'s caller
             self._dead = e
-            self._post(self._resolve, self._ready, None, e)
             return
-        self._post(self._resolve, self._ready, None, None)
+        finally:
+            self._ready_event.set()
         try:
             self._loop_body()
         except BaseException as e:  # noqa: BLE001 - a broken invariant: fail every waiter loudly

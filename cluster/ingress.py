@@ -1,0 +1,211 @@
+"""The ingress: an OpenAI-compatible FastAPI app under ``@serve.ingress``.
+
+It validates bodies (pydantic), checks the model name, picks nothing itself — the decode
+pool's handle routes the request — and turns the decode replica's stream into OpenAI JSON
+or SSE. Headers name the replicas that served the request. It waits for the first chunk
+before answering, so refusals (context too long, pool down) still get a proper status
+code, and the headers can name the prefill replica.
+"""
+
+# No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
+# route annotations in another module's namespace, where string annotations break.
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from cluster.config import ServeConfig
+from cluster.errors import (
+    DECODE_POOL_UNAVAILABLE,
+    MODEL_NOT_FOUND,
+    REQUEST_TIMEOUT,
+    KvferryError,
+    install_error_handlers,
+)
+from cluster.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_request_id,
+    sampling_kwargs,
+)
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="kvferry", description="OpenAI-compatible LLM serving with disaggregated prefill/decode.")
+install_error_handlers(api)
+
+
+@api.middleware("http")
+async def _request_id(request: Request, call_next: Any) -> Any:
+    """Every response carries ``x-request-id`` (the client's, or a fresh one)."""
+    rid = request.headers.get("x-request-id") or new_request_id()
+    request.state.request_id = rid
+    response = await call_next(request)
+    response.headers["x-request-id"] = rid
+    return response
+
+
+def _usage(last: dict[str, Any]) -> Usage:
+    return Usage.of(last["prompt_tokens"], last["completion_tokens"], last["cached_tokens"])
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """The HTTP front door; one handle to the decode (or mixed) pool."""
+
+    def __init__(self, config: dict[str, Any], decode: Any) -> None:
+        from engine.loader import served_model_name
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.decode = decode
+        self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
+        self._info: dict[str, Any] | None = None
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self.decode.model_info.remote()
+        return self._info
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        info = await self._model_info()
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=info["max_model_len"])])
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+        payload = {"messages": [{"role": m.role, "content": m.text()} for m in body.messages]}
+        return await self._serve(body, request, payload, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        return await self._serve(body, request, {"prompt": body.prompt}, chat=False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _serve(
+        self, body: ChatCompletionRequest | CompletionRequest, request: Request, payload: dict, chat: bool
+    ) -> Any:
+        if body.model != self.model_name:
+            raise KvferryError(
+                404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
+                code=MODEL_NOT_FOUND, param="model",
+            )
+        rid = request.state.request_id
+        payload.update(request_id=rid, params=sampling_kwargs(body, default_max_tokens=0))
+        payload["params"]["max_tokens"] = body.requested_max_tokens()  # None: the replica decides
+        if body.prompt_cache_key is not None:
+            payload["prompt_cache_key"] = body.prompt_cache_key
+        try:
+            gen = self.decode.options(stream=True).generate.remote(payload)
+            first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise KvferryError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e
+        except (StopAsyncIteration, KvferryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - replica death, backpressure, unavailable pool
+            logger.warning("decode pool failed for %s: %r", rid, e)
+            raise KvferryError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
+        if "error" in first:
+            raise KvferryError.from_dict(first["error"])
+        headers = {
+            "x-request-id": rid,
+            "x-kvferry-prefill-replica": first["prefill_replica"],
+            "x-kvferry-decode-replica": first["decode_replica"],
+        }
+        created_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            sse = self._sse(first, gen, created_id, chat, include_usage)
+            return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
+        text, last = first["new_text"], first
+        try:
+            while not last["finished"]:
+                last = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
+                if "error" in last:
+                    raise KvferryError.from_dict(last["error"])
+                text += last["new_text"]
+        except (asyncio.TimeoutError, StopAsyncIteration) as e:
+            gen.cancel()
+            raise KvferryError(504, "generation did not finish in time", code=REQUEST_TIMEOUT) from e
+        usage = _usage(last)
+        if chat:
+            resp: Any = ChatCompletionResponse(
+                id=created_id, model=self.model_name, usage=usage,
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=last["finish_reason"])],
+            )
+        else:
+            resp = CompletionResponse(
+                id=created_id, model=self.model_name, usage=usage,
+                choices=[CompletionChoice(text=text, finish_reason=last["finish_reason"])],
+            )
+        return JSONResponse(resp.model_dump(), headers=headers)
+
+    async def _sse(
+        self, first: dict, gen: Any, created_id: str, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """OpenAI SSE: one event per engine output, an optional usage event, then [DONE]."""
+        chunk, role_sent = first, False
+        try:
+            while True:
+                if "error" in chunk:  # the replica died mid-stream: say so in-band, then stop
+                    yield f"data: {{\"error\": {_json(chunk['error'])}}}\n\n"
+                    break
+                finish = chunk["finish_reason"] if chunk["finished"] else None
+                if chat:
+                    delta = DeltaMessage(content=chunk["new_text"])
+                    if not role_sent:
+                        delta.role, role_sent = "assistant", True
+                    event: Any = ChatCompletionChunk(
+                        id=created_id, model=self.model_name,
+                        choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+                    )
+                else:
+                    event = CompletionResponse(
+                        id=created_id, model=self.model_name,
+                        choices=[CompletionChoice(text=chunk["new_text"], finish_reason=finish)],
+                    )
+                yield f"data: {event.model_dump_json(exclude_none=chat)}\n\n"
+                if chunk["finished"]:
+                    if include_usage:
+                        usage = _usage(chunk)
+                        if chat:
+                            tail: Any = ChatCompletionChunk(id=created_id, model=self.model_name, choices=[], usage=usage)
+                        else:
+                            tail = CompletionResponse(id=created_id, model=self.model_name, choices=[], usage=usage)
+                        yield f"data: {tail.model_dump_json()}\n\n"
+                    break
+                chunk = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - headers are gone: report in-band, never a trace
+            logger.warning("stream %s broke: %r", created_id, e)
+            yield 'data: {"error": {"message": "stream interrupted", "type": "server_error", "code": null, "param": null}}\n\n'
+        finally:
+            gen.cancel()
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps({k: v for k, v in obj.items() if k != "status_code"})
