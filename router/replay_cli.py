@@ -21,8 +21,8 @@ DEFAULT_TTLS_S = (10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 def _table(title: str, results: list[ReplayResult], with_ttl: bool) -> Table:
     t = Table(title=title)
     if with_ttl:
-        t.add_column("TTL (s)", justify="right")
-    t.add_column("policy")
+        t.add_column("TTL (s)", justify="right", no_wrap=True)
+    t.add_column("policy", no_wrap=True)
     for col in ("hit rate", "TTFT mean", "p50", "p90", "p99", "imbalance"):
         t.add_column(col, justify="right")
     for r in results:

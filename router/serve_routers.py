@@ -49,10 +49,12 @@ from router.directory import PrefixMatch
 from router.directory_actor import get_or_create_directory
 from router.hints import RoutingHints, find_hints
 from router.policy import (
+    DEFAULT_TIER_CREDITS,
     DecodePolicyConfig,
     PrefillPolicyConfig,
     ReplicaLoad,
     RequestInfo,
+    cached_tokens,
     merge_matches,
     rank_decode_replicas,
     rank_replicas,
@@ -82,6 +84,9 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._spec = SpeculativeRoutes(ttl_s=speculative_ttl_s)
         # internal_request_id -> (replica full id, tokens) for requests sent, not completed.
         self._inflight: dict[str, tuple[str, int]] = {}
+        # internal_request_id -> {replica: uncached tokens} estimated while ranking, so the
+        # in-flight work we add is what the replica must compute, not the whole prompt.
+        self._estimates: dict[str, dict[str, int]] = {}
         self._inflight_tokens: dict[str, int] = {}
         self.num_directory_failures = 0
         self.num_policy_routes = 0
@@ -125,6 +130,11 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size)
         ranked = self._rank(info, [self._load(r) for r in candidate_replicas], matches)
+        if len(self._estimates) > 10_000:  # requests cancelled before routing never pop theirs
+            self._estimates.clear()
+        self._estimates[pending_request.metadata.internal_request_id] = {
+            rid: hints.num_tokens - int(cached_tokens(matches.get(rid), info, DEFAULT_TIER_CREDITS)) for rid in ranked
+        }
         if not ranked:
             return []
         self.num_policy_routes += 1
@@ -140,8 +150,10 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         rid = replica_id.to_full_id_str()
         self._spec.record(hints.block_hashes, rid, time.time())
         req_id = pending_request.metadata.internal_request_id
-        self._inflight[req_id] = (rid, hints.num_tokens)
-        self._inflight_tokens[rid] = self._inflight_tokens.get(rid, 0) + hints.num_tokens
+        est = self._estimates.pop(req_id, {})
+        tokens = est.get(rid, hints.num_tokens)
+        self._inflight[req_id] = (rid, tokens)
+        self._inflight_tokens[rid] = self._inflight_tokens.get(rid, 0) + tokens
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         """Release the in-flight tokens of a finished request."""
