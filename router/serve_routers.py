@@ -200,3 +200,19 @@ class DecodeRequestRouter(_KVAwareRouter):
 
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
         return rank_decode_replicas(info, loads, matches, self._config)
+
+
+def request_router_config(pool_name: str, cfg: Any = None, stats_period_s: float = 1.0) -> Any:
+    """Serve ``RequestRouterConfig`` for one pool: "prefill" ranks by TTFT, others by decode.
+
+    ``cfg`` (the cluster's ServeConfig) is accepted for future knobs and not read yet.
+    """
+    from ray.serve.config import RequestRouterConfig
+
+    cls = PrefillRequestRouter if pool_name == "prefill" else DecodeRequestRouter
+    return RequestRouterConfig(
+        request_router_class=cls,
+        request_router_kwargs={"pool": pool_name},
+        # The policy reads record_routing_stats(); Serve's 10 s default is too stale.
+        request_routing_stats_period_s=stats_period_s,
+    )
