@@ -1,0 +1,79 @@
+"""The ``kvferry`` CLI: commands exist, bad config exits 2, and ``serve`` stops cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from cluster.bench import percentiles
+from cluster.cli import app
+from tests.conftest import free_port
+
+runner = CliRunner()
+
+
+def test_commands_registered() -> None:
+    out = runner.invoke(app, ["--help"]).output
+    for cmd in ("serve", "bench", "replay", "version"):
+        assert cmd in out
+    assert runner.invoke(app, ["version"]).exit_code == 0
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("modle: {}\n")
+    res = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and "bad configuration" in res.output
+
+
+def test_percentiles_nearest_rank() -> None:
+    p = percentiles([float(x) for x in range(1, 101)])
+    assert p["p50"] == 50.0 and p["p90"] == 90.0 and p["p99"] == 99.0 and p["mean"] == 50.5
+    assert percentiles([]) == {}
+    assert percentiles([3.0])["p99"] == 3.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_then_sigint_shuts_down_cleanly(tmp_path: Path) -> None:
+    from tests.engine.tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--port", str(port),
+         "--kv-cache-memory-bytes", str(4 << 20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(url + "/v1/models", timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        assert r.json()["data"][0]["id"] == "llama"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "kvferry is serving" in out and url in out and "stopped" in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)
