@@ -11,13 +11,12 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import ForwardContext
 from engine.models.attention import Attention
 from engine.models.config import ModelConfig
-from engine.models.layers import Linear, RMSNorm, SwiGLUMLP, empty_param
+from engine.models.layers import Embedding, Linear, RMSNorm, SwiGLUMLP
 from engine.models.rotary import RotaryEmbedding
 
 # HF projection name -> (our fused module name, shard name inside it).
@@ -62,14 +61,13 @@ class DecoderModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        residual = F.embedding(input_ids, self.embed_tokens.weight)  # (T, hidden), fresh: ours to mutate
+        residual = self.embed_tokens(input_ids)  # (T, hidden), fresh: ours to mutate
         cos, sin = self.rotary_emb.cos_sin(positions, residual.dtype)  # (T, 1, D/2) each
         # The first layer's "previous output" is zero, so its add_and_norm just normalises.
         hidden = torch.zeros_like(residual)
@@ -86,10 +84,9 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         if cfg.tie_word_embeddings:
-            self.lm_head: nn.Module = self.model.embed_tokens  # same Parameter, loaded once
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+            self.model.embed_tokens.tie_to(self.lm_head)  # one matrix, loaded once
 
     def forward(
         self,
@@ -102,56 +99,57 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) fp32
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
-        """Copy HF-named tensors into our (fused) parameters; return the HF names consumed.
+        """Copy HF-named tensors into our (fused, possibly transposed) parameters.
 
-        With ``strict`` (the default) every parameter must be fully covered by the end,
-        else ``ValueError`` lists what the checkpoint lacks. Unknown names are an error too:
-        silently dropping a tensor would give a model that runs but talks nonsense.
+        Returns the HF names consumed. With ``strict`` (the default) every parameter must
+        be fully covered by the end, else ``ValueError`` lists what the checkpoint lacks.
+        Unknown names are an error too: silently dropping a tensor would give a model that
+        runs but talks nonsense.
         """
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = dict(self.named_parameters())
         modules = dict(self.named_modules())
-        covered: dict[str, int] = {}  # our param name -> rows (or elements) written so far
+        tied = self.config.tie_word_embeddings
+        covered: dict[str, int] = {}  # our param name -> elements written so far
         loaded: set[str] = set()
         for name, tensor in weights:
             if _IGNORED_RE.search(name):
                 continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # tied: lm_head *is* embed_tokens (some exports save both)
-            m = _FUSED_RE.match(name)
-            if m:
+            if tied and name == "lm_head.weight":
+                continue  # some exports save the tied matrix twice; the embedding copy wins
+            if tied and name == "model.embed_tokens.weight":
+                name_ours, module, shard, kind = "lm_head.weight", self.lm_head, "", "weight"
+            elif m := _FUSED_RE.match(name):
                 prefix, proj, kind = m.groups()
                 fused, shard = _FUSED[proj]
-                module = modules.get(f"{prefix}.{fused}")
-                if not isinstance(module, Linear):
-                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                target = getattr(module, kind)
-                if target is None:
-                    raise ValueError(f"checkpoint has {name!r} but the config says this projection has no bias")
-                offset, rows = module.shard_offsets[shard]
-                _copy(name, target.narrow(0, offset, rows), tensor)
-                key = f"{prefix}.{fused}.{kind}"
-                covered[key] = covered.get(key, 0) + rows
+                name_ours, module = f"{prefix}.{fused}.{kind}", modules.get(f"{prefix}.{fused}")
             else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                _copy(name, params[name], tensor)
-                covered[name] = covered.get(name, 0) + params[name].shape[0]
+                prefix, _, kind = name.rpartition(".")
+                name_ours, module, shard = name, modules.get(prefix), ""
+            if name_ours not in params or module is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+            try:
+                if isinstance(module, Linear):
+                    n = module.load(shard, kind, tensor)
+                else:
+                    n = _copy(params[name_ours], tensor)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+            covered[name_ours] = covered.get(name_ours, 0) + n
             loaded.add(name)
         if strict:
-            missing = [n for n, p in params.items() if covered.get(n, 0) < p.shape[0]]
-            if self.config.tie_word_embeddings:
-                missing = [n for n in missing if n != "lm_head.weight"]
+            missing = [n for n, p in params.items() if covered.get(n, 0) < p.numel()]
             if missing:
                 shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
                 raise ValueError(f"checkpoint lacks {len(missing)} parameter(s): {shown}")
         return loaded
 
 
-def _copy(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> int:
     if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        raise ValueError(f"shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(src)  # casts dtype and moves device
+    return dst.numel()

@@ -18,8 +18,22 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> 
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def transposed_layout(device: torch.device | str) -> bool:
+    """Whether linear weights are stored as (in, out) on ``device``.
+
+    On CPU, MKL's sgemm is up to ~2x faster for the skinny ``x @ W`` of decode steps
+    (M = batch size) when ``W`` is stored (in, out) rather than HF's (out, in); it is never
+    slower for prefill-sized M. GPUs keep HF's layout (cuBLAS is layout-agnostic).
+    """
+    return torch.device(device).type == "cpu"
+
+
 class Linear(nn.Module):
-    """``y = x W^T (+ b)``; optionally the concatenation of several HF projections."""
+    """``y = x W^T (+ b)``; optionally the concatenation of several HF projections.
+
+    ``weight`` is (out, in) like HF's, or (in, out) when ``transposed`` (see
+    ``transposed_layout``); ``load`` hides the difference from the checkpoint loader.
+    """
 
     def __init__(
         self,
@@ -31,17 +45,73 @@ class Linear(nn.Module):
     ) -> None:
         super().__init__()
         sizes = out_sizes if isinstance(out_sizes, dict) else {"": out_sizes}
-        # name of each fused HF projection -> (row offset, rows) in our weight.
+        # name of each fused HF projection -> (offset, size) along our output dimension.
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, size in sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
-        self.weight = empty_param(offset, in_features, dtype=dtype, device=device)
+        self.transposed = transposed_layout(device)
+        shape = (in_features, offset) if self.transposed else (offset, in_features)
+        self.weight = empty_param(*shape, dtype=dtype, device=device)
         self.bias = empty_param(offset, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
-        return F.linear(x, self.weight, self.bias)
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight)
+        return torch.addmm(self.bias, x, self.weight)
+
+    def out_weight(self) -> torch.Tensor:
+        """The weight as an (out, in) view, whatever the storage layout."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def load(self, shard: str, kind: str, tensor: torch.Tensor) -> int:
+        """Copy HF tensor ``kind`` ("weight"/"bias") of projection ``shard``; return elements written."""
+        offset, size = self.shard_offsets[shard]
+        if kind == "bias":
+            if self.bias is None:
+                raise ValueError("the config says this projection has no bias")
+            dst = self.bias.narrow(0, offset, size)
+        else:
+            dst = self.out_weight().narrow(0, offset, size)  # (size, in) view
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(tensor)  # casts dtype, moves device, transposes through the view
+        return dst.numel()
+
+
+class Embedding(nn.Module):
+    """Token embedding table (V, hidden), or a view of a tied ``lm_head``'s weight."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.weight: nn.Parameter | None = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+        # Held in a list so the tied head is not registered (and loaded) as our submodule.
+        self._tied: list[Linear] = []
+
+    def tie_to(self, head: Linear) -> None:
+        """Share ``head``'s weight (tied embeddings): one matrix, whichever layout it has."""
+        self.weight = None
+        self._tied = [head]
+
+    @property
+    def tied_head(self) -> Linear | None:
+        return self._tied[0] if self._tied else None
+
+    def table(self) -> torch.Tensor:
+        """(V, hidden) view of the embedding matrix."""
+        head = self.tied_head
+        if head is not None:
+            return head.out_weight()
+        assert self.weight is not None
+        return self.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (T,) -> (T, hidden)
+        # With a tied (in, out) head this gathers strided rows: ~80 us per decode step for
+        # SmolLM2, far cheaper than keeping a second copy of a 113 MB matrix.
+        return F.embedding(input_ids, self.table())
 
 
 class RMSNorm(nn.Module):

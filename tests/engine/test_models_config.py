@@ -93,9 +93,9 @@ def test_load_weights_fills_fused_params_and_rejects_bad_checkpoints() -> None:
     assert loaded == set(state)
     layer = model.model.layers[1]
     q, k, v = (state[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
-    assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+    assert torch.equal(layer.self_attn.qkv_proj.out_weight(), torch.cat([q, k, v]))
     gate, up = (state[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up"))
-    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([gate, up]))
+    assert torch.equal(layer.mlp.gate_up_proj.out_weight(), torch.cat([gate, up]))
 
     missing = {k: v for k, v in state.items() if "layers.0.self_attn.v_proj.bias" not in k}
     with pytest.raises(ValueError, match="lacks 1 parameter.*layers.0.self_attn.qkv_proj.bias"):
@@ -113,7 +113,12 @@ def test_tied_model_shares_one_matrix_and_casts_dtype() -> None:
     assert "lm_head.weight" not in state or torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
     model = build_model(cfg, "bfloat16", "cpu")
     model.load_weights(state.items())
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" in names and not any("embed_tokens" in n for n in names)  # one matrix
+    embed = state["model.embed_tokens.weight"]
+    assert torch.equal(model.model.embed_tokens.table(), embed.to(torch.bfloat16))
     assert model.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.tensor([3, 0, 319])
+    assert torch.equal(model.model.embed_tokens(ids), embed[ids].to(torch.bfloat16))
     hidden = torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16)
     assert model.compute_logits(hidden).dtype == torch.float32
