@@ -72,7 +72,10 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            convert_gguf(gguf_path, tmp)
+            try:
+                convert_gguf(gguf_path, tmp)
+            except Exception as e:  # transformers raises many types for unsupported files
+                raise ValueError(f"cannot convert {gguf_path.name} to a HF model: {e}") from e
             if target.exists():  # a stale, incomplete entry (written by hand?): replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)
@@ -94,6 +97,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """De-quantise ``gguf_path`` with transformers and save it as a HF directory in ``out_dir``."""
     import torch
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +108,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        transient=False,
+        console=Console(stderr=True),  # stdout may carry a server's or CLI's real output
     ) as progress:
         task = progress.add_task(steps[0], total=len(steps))
         config = AutoConfig.from_pretrained(src, gguf_file=name, local_files_only=True)

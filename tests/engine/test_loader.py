@@ -94,7 +94,7 @@ def test_gguf_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         raise RuntimeError("killed mid-conversion")
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(ValueError, match="cannot convert tiny.gguf.*killed"):
         resolve_model_path(str(fake), cache_dir=cache)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
 
