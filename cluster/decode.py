@@ -30,6 +30,7 @@ from cluster.config import ServeConfig
 from cluster.engine_loop import EngineDeadError, EngineLoop
 from cluster.errors import CONTEXT_LENGTH_EXCEEDED, DECODE_POOL_UNAVAILABLE
 from cluster.replica import build_transport, limit_threads, replica_id
+from cluster.routing import EventPump, routing_hints, routing_stats
 from cluster.transport import TransferError, dtype_from_str
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,15 @@ class DecodeServer:
         self.replica_id = replica_id(f"{self.role}-local")
         self.prefill = prefill
         opts = self.cfg.engine_options(self.role, self.replica_id)
+        self.kvferry_routing = self.cfg.request_router == "kvferry"
         self.loop = EngineLoop(
             lambda: LLMEngine.from_pretrained(self.cfg.model.model, **opts),
             name=f"{self.role}-loop",
             on_plans=self._on_plans if prefill is not None else None,
+            on_events=(lambda batch: self._pump.on_events(batch)) if self.kvferry_routing else None,
         )
+        # KV events feed the pool's directory only when kvferry's routers use it.
+        self._pump = EventPump(self.role, self.loop) if self.kvferry_routing else None
         self.loop.start_blocking()
         eng = self.loop.engine  # immutable facts, read once before any step runs
         self.model_id: str = eng.model_id
@@ -79,9 +84,10 @@ class DecodeServer:
     async def model_info(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "max_model_len": self.max_model_len, "block_size": self.block_size}
 
-    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, req: dict[str, Any], hints: Any = None) -> AsyncIterator[dict[str, Any]]:
         """Stream one request. ``req``: ``request_id``, ``params`` (SamplingParams kwargs,
-        ``max_tokens`` may be None) and one of ``messages`` / ``prompt`` (text or ids)."""
+        ``max_tokens`` may be None) and ``prompt_token_ids`` or one of ``messages`` /
+        ``prompt`` (text or ids). ``hints`` are for this pool's RequestRouter."""
         from engine import SamplingParams
 
         rid = req["request_id"]
@@ -143,6 +149,15 @@ class DecodeServer:
         local-recompute path end to end."""
         self._inject_failures = count
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load snapshot Serve hands to this pool's RequestRouter (never waits for a step)."""
+        return routing_stats(self.loop.last_stats, self.cfg.pool(self.role).max_num_seqs)
+
+    def _prefill_hints(self, plan: Any) -> Any:
+        if not self.kvferry_routing:
+            return None
+        return routing_hints(plan.prompt_token_ids, self.block_size, self.model_id, plan.params.cache_salt)
+
     def check_health(self) -> None:
         if not self.loop.alive:
             raise RuntimeError(f"{self.role} engine loop is dead")
@@ -174,7 +189,8 @@ class DecodeServer:
                         "endpoint": endpoint.__dict__,
                         "transfer_id": tid,
                         "drop_transfer": drop,
-                    }
+                    },
+                    hints=self._prefill_hints(plan),
                 ),
                 timeout=self.cfg.http.prefill_timeout_s,
             )
@@ -207,6 +223,8 @@ class DecodeServer:
 
 def _tokenize(eng: Any, req: dict[str, Any]) -> list[int]:
     """Prompt token ids from chat messages, a text prompt or ids (runs on the loop thread)."""
+    if req.get("prompt_token_ids") is not None:  # the ingress tokenized (kvferry routing)
+        return [int(t) for t in req["prompt_token_ids"]]
     if req.get("messages") is not None:
         return eng.encode_chat(req["messages"], add_generation_prompt=True)
     prompt = req.get("prompt")

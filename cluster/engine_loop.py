@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -73,6 +74,7 @@ class EngineLoop:
         idle_tick_s: float = 0.25,
         on_plans: Callable[[list[Any]], None] | None = None,
         on_events: Callable[[Any], None] | None = None,
+        stats_period_s: float | None = 0.5,
     ) -> None:
         self._factory = engine_factory
         self._name = name
@@ -86,6 +88,10 @@ class EngineLoop:
         self._ready_event = threading.Event()
         self._dead: BaseException | None = None
         self.engine: Any = None  # read only from the loop thread (or after shutdown)
+        self._stats_period_s = stats_period_s
+        # A recent ``engine.stats()`` taken by the loop thread: routers read load without
+        # queueing behind a step (one attribute store, so readers see a whole object).
+        self.last_stats: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -190,6 +196,7 @@ class EngineLoop:
 
     def _loop_body(self) -> None:
         eng = self.engine
+        next_stats = 0.0
         while True:
             busy = eng.has_unfinished_requests()
             # Block only when idle; the tick keeps lease expiry running on an idle replica.
@@ -215,10 +222,13 @@ class EngineLoop:
                 plans = eng.take_remote_prefill_plans()
                 if plans:
                     self._post(self._on_plans, plans)
-            if self._on_events is not None:
-                batch = eng.take_events()
-                if batch is not None:
-                    self._post(self._on_events, batch)
+            # Always drained: the engine buffers events until taken, even if nobody listens.
+            batch = eng.take_events()
+            if batch is not None and self._on_events is not None:
+                self._post(self._on_events, batch)
+            if self._stats_period_s is not None and (now := time.monotonic()) >= next_stats:
+                self.last_stats = eng.stats()
+                next_stats = now + self._stats_period_s
 
     def _exec(self, cmd: Any) -> bool:
         """Run one command; True means stop."""

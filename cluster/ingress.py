@@ -43,6 +43,7 @@ from cluster.protocol import (
     new_request_id,
     sampling_kwargs,
 )
+from cluster.routing import IngressTokenizer, routing_hints
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Ingress:
         self.decode = decode
         self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         self._info: dict[str, Any] | None = None
+        # kvferry routing needs block hashes here, hence the prompt's tokens.
+        self.tokenizer = IngressTokenizer(self.cfg.model.model) if self.cfg.request_router == "kvferry" else None
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -117,8 +120,17 @@ class Ingress:
         payload["params"]["max_tokens"] = body.requested_max_tokens()  # None: the replica decides
         if body.prompt_cache_key is not None:
             payload["prompt_cache_key"] = body.prompt_cache_key
+        hints = None
+        if self.tokenizer is not None:
+            try:
+                ids = self.tokenizer.prompt_ids(payload)
+            except ValueError as e:
+                raise KvferryError(400, str(e), param="messages" if chat else "prompt") from e
+            info = await self._model_info()
+            hints = routing_hints(ids, info["block_size"], info["model_id"])
+            payload["prompt_token_ids"] = ids
         try:
-            gen = self.decode.options(stream=True).generate.remote(payload)
+            gen = self.decode.options(stream=True).generate.remote(payload, hints=hints)
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
         except asyncio.TimeoutError as e:
             raise KvferryError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e

@@ -19,6 +19,7 @@ from ray import serve
 from cluster.config import ServeConfig
 from cluster.engine_loop import EngineLoop
 from cluster.replica import build_transport, limit_threads, replica_id
+from cluster.routing import EventPump, routing_stats
 from cluster.transport import TransferError, TransportEndpoint
 
 logger = logging.getLogger(__name__)
@@ -35,21 +36,29 @@ class PrefillServer:
         limit_threads(self.cfg.prefill.torch_threads)
         self.replica_id = replica_id("prefill-local")
         opts = self.cfg.engine_options("prefill", self.replica_id)
-        self.loop = EngineLoop(lambda: LLMEngine.from_pretrained(self.cfg.model.model, **opts), name="prefill-loop")
+        kvferry_routing = self.cfg.request_router == "kvferry"
+        self.loop = EngineLoop(
+            lambda: LLMEngine.from_pretrained(self.cfg.model.model, **opts),
+            name="prefill-loop",
+            on_events=(lambda batch: self._pump.on_events(batch)) if kvferry_routing else None,
+        )
+        # KV events feed the pool's directory only when kvferry's routers use it.
+        self._pump = EventPump("prefill", self.loop) if kvferry_routing else None
         self.loop.start_blocking()
         self.transport = build_transport(self.cfg, "prefill", self.replica_id)
         self._tasks: set[asyncio.Task] = set()
         self.num_sent = 0
         self.num_send_failures = 0
 
-    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def prefill(self, req: dict[str, Any], hints: Any = None) -> dict[str, Any]:
         """Prefill ``req`` and post its blocks to the decode replica.
 
         ``req``: ``request_id``, ``prompt_token_ids``, ``params`` (SamplingParams kwargs),
         ``first_block_index``, ``endpoint`` (TransportEndpoint fields), ``transfer_id`` and
         optionally ``drop_transfer`` (fault injection: compute but never send).
         Returns ``first_token_id``, ``num_cached_tokens``, ``group_id``, ``shape``,
-        ``dtype`` and ``replica_id`` — or ``error`` with a message.
+        ``dtype`` and ``replica_id`` — or ``error`` with a message. ``hints`` (routing
+        hints) are read by the pool's RequestRouter, not here.
         """
         from engine import SamplingParams
 
@@ -115,6 +124,10 @@ class PrefillServer:
             "num_sent": self.num_sent,
             "num_send_failures": self.num_send_failures,
         }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load snapshot Serve hands to this pool's RequestRouter (never waits for a step)."""
+        return routing_stats(self.loop.last_stats, self.cfg.prefill.max_num_seqs)
 
     def check_health(self) -> None:
         """Serve's health check: a dead step loop makes the replica unhealthy (restarted)."""

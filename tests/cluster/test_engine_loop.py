@@ -27,6 +27,7 @@ class _CountingEngine:
     aborted: list = field(default_factory=list)
     plans: list = field(default_factory=list)
     crash_on_step: bool = False
+    events_taken: int = 0
 
     def _touch(self) -> None:
         self.threads.add(threading.get_ident())
@@ -65,7 +66,11 @@ class _CountingEngine:
         return p
 
     def take_events(self):
+        self.events_taken += 1
         return None
+
+    def stats(self):
+        return {"num_running": len(self.reqs)}
 
 
 def test_streams_calls_and_single_thread() -> None:
@@ -132,3 +137,21 @@ def test_factory_failure_surfaces_from_start() -> None:
             await EngineLoop(boom).start()
 
     asyncio.run(main())
+
+
+def test_events_drained_and_stats_snapshotted_without_listeners() -> None:
+    """The engine buffers KV events until taken: the loop must drain them even with no sink."""
+    eng = _CountingEngine()
+
+    async def main() -> None:
+        loop = EngineLoop(lambda: eng, idle_tick_s=0.01, stats_period_s=0.01)
+        await loop.start()
+        stream = await loop.add_request("a", [1], 2)
+        async for _ in stream:
+            pass
+        await asyncio.sleep(0.1)
+        assert loop.last_stats == {"num_running": 0}
+        loop.shutdown()
+
+    asyncio.run(main())
+    assert eng.events_taken >= 2

@@ -1,0 +1,91 @@
+"""Glue to kvferry's cache-affinity routing (``request_router: kvferry``).
+
+The routers (``router/serve_routers.py``) need three things from the serving side, and
+this module provides them:
+
+1. *Routing hints* on every handle call: the prompt's block hashes, computed with the
+   engine's own ``hash_prompt_blocks`` so router and engine agree on keys. The ingress
+   tokenizes (model's own tokenizer and chat template) to compute them, and passes the
+   token ids on so the decode replica does not tokenize twice.
+2. *KV events* from every replica's engine, flushed in batches to the pool's directory.
+3. *Load snapshots*: each replica's ``record_routing_stats()`` (see the deployments).
+
+With the default Serve router none of this runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.engine_loop import EngineLoop
+
+logger = logging.getLogger(__name__)
+
+
+def routing_hints(token_ids: Sequence[int], block_size: int, model_id: str, salt: str | None = None) -> Any:
+    """``router.hints.RoutingHints`` for a prompt."""
+    from engine.block_hash import hash_prompt_blocks
+    from router.hints import RoutingHints
+
+    hashes = hash_prompt_blocks(token_ids, block_size, model_id, salt)
+    return RoutingHints(tuple(hashes), len(token_ids), block_size)
+
+
+class IngressTokenizer:
+    """The model's tokenizer on the ingress (loaded only when kvferry routing is on)."""
+
+    def __init__(self, model: str) -> None:
+        from engine.loader import resolve_model_path
+        from engine.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(resolve_model_path(model))
+
+    def prompt_ids(self, payload: dict[str, Any]) -> list[int]:
+        """Token ids exactly as the decode replica's engine would compute them."""
+        from engine.tokenizer import encode_chat
+
+        if payload.get("messages") is not None:
+            return encode_chat(self.tokenizer, payload["messages"], add_generation_prompt=True)
+        prompt = payload["prompt"]
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+
+class EventPump:
+    """Forwards one replica's KV event batches to its pool's directory actor."""
+
+    def __init__(self, pool: str, loop: EngineLoop, interval_s: float = 0.05) -> None:
+        from router.directory_actor import get_or_create_directory
+        from router.event_flusher import KVEventFlusher
+
+        self._loop = loop
+        self._interval_s = interval_s
+        self.flusher = KVEventFlusher(get_or_create_directory(pool), self._snapshot)
+        self._task: asyncio.Task | None = None
+
+    async def _snapshot(self) -> Any:
+        return await self._loop.call(lambda eng: eng.cache_snapshot())
+
+    def on_events(self, batch: Any) -> None:
+        """EngineLoop callback (runs on the event loop): buffer, and start flushing once."""
+        self.flusher.add(batch)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.flusher.run(self._interval_s))
+
+
+def routing_stats(stats: Any, max_num_seqs: int) -> dict[str, Any]:
+    """``record_routing_stats()`` payload from an ``EngineStats`` (keys the routers read)."""
+    if stats is None:
+        return {}
+    return {
+        "queued_prefill_tokens": stats.num_queued_prefill_tokens,
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting + stats.num_waiting_for_remote_kv,
+        "max_num_seqs": max_num_seqs,
+        "kv_usage": stats.kv_usage,
+        "num_free_blocks": stats.num_free_blocks,
+    }

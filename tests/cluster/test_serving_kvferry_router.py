@@ -1,0 +1,71 @@
+"""kvferry's cache-affinity routers wired into the app: conversations stick to their replica.
+
+Two decode replicas and one prefill replica with ``request_router: kvferry``: the ingress
+tokenizes and hashes, replicas flush KV events to the directory and report load; a growing
+conversation must keep landing on the decode replica that holds its prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+APP = "kvferry-routed"
+
+
+@pytest.fixture(scope="module")
+def routed_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import ServeConfig
+    from tests.engine.tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path_factory.mktemp("routed-model"))
+    port = free_port()
+    cfg = ServeConfig.model_validate(
+        {
+            "app_name": APP,
+            "request_router": "kvferry",
+            "model": {"model": str(model), "num_kv_blocks": 256},
+            "cache": {"local_prefill_threshold": 8},
+            "decode": {"num_replicas": 2, "num_cpus": 0.5},
+            "http": {"port": port},
+        }
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.delete(APP)
+        serve.shutdown()
+
+
+def test_conversation_sticks_to_the_replica_holding_its_prefix(routed_server: str) -> None:
+    import time
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=routed_server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    messages = [{"role": "system", "content": "You keep a ferry log. " * 6}]
+    decode_replicas, cached = [], []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"turn {turn}: what crossed the river?"})
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
+        resp = raw.parse()
+        decode_replicas.append(raw.headers["x-kvferry-decode-replica"])
+        cached.append(resp.usage.prompt_tokens_details.cached_tokens)
+        messages.append({"role": "assistant", "content": resp.choices[0].message.content})
+        time.sleep(0.3)  # let the replica's KV events reach the directory
+    # Every later turn returns to the first turn's replica and reuses its cached prefix.
+    assert len(set(decode_replicas)) == 1, decode_replicas
+    assert all(c > 0 for c in cached[1:]), cached
