@@ -31,7 +31,7 @@ _MODEL_TYPE_TO_ARCH = {
 }
 
 #: RoPE variants implemented by ``engine.models.rotary``.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
@@ -155,6 +155,11 @@ def _rope_parameters(cfg: Any) -> tuple[float, dict[str, Any]]:
     scaling["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "yarn":
+        # DeepSeek-style configs leave factor out: it is then the context extension ratio.
+        scaling.setdefault("original_max_position_embeddings", getattr(cfg, "max_position_embeddings", None))
+        if scaling.get("factor") is None:
+            scaling["factor"] = cfg.max_position_embeddings / scaling["original_max_position_embeddings"]
     return float(theta), scaling
 
 

@@ -2,7 +2,8 @@
 
 cos/sin are computed once per forward pass from the flat ``positions`` (all layers share
 them), in float32 exactly like transformers does, then cast to the activation dtype.
-Supported scalings: ``default``, ``linear`` and Llama 3.1's ``llama3``.
+Supported scalings: ``default``, ``linear``, Llama 3.1's ``llama3`` and ``yarn`` (Qwen's
+long-context setting; static, like transformers: it also scales cos/sin by an attention factor).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch
         return inv_freq / float(scaling["factor"])
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     raise ValueError(f"unsupported rope_type {rope_type!r}")
 
 
@@ -44,6 +47,47 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
+def rope_attention_factor(scaling: dict[str, Any]) -> float:
+    """Scale applied to cos/sin (1.0 except for yarn, whose paper scales attention logits)."""
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: interpolate low frequencies by ``factor``, keep high ones, ramp in between."""
+    factor = float(scaling["factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(num_rotations: float) -> float:
+        # The dimension whose wavelength completes num_rotations turns over the old context.
+        return (head_dim * math.log(old_context_len / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: high frequency, kept as is (extrapolated)
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Computes per-token cos/sin and rotates q/k heads."""
 
@@ -54,11 +98,15 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "inv_freq", rope_inv_freq(head_dim, theta, scaling).to(device), persistent=False
         )
+        self.attention_factor = rope_attention_factor(scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) int64 positions -> cos, sin of shape (T, 1, D/2), broadcastable over heads."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2) fp32
-        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

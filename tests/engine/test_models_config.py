@@ -70,8 +70,8 @@ def test_old_style_rope_attributes() -> None:
 def test_unsupported_things_raise_value_error_naming_alternatives() -> None:
     with pytest.raises(ValueError, match="supported: " + ", ".join(SUPPORTED_ARCHITECTURES)):
         ModelConfig.from_hf_config(_old_style(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
-    with pytest.raises(ValueError, match="rope_type 'yarn'.*default, linear, llama3"):
-        ModelConfig.from_hf_config(_old_style(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="rope_type 'dynamic'.*default, linear, llama3, yarn"):
+        ModelConfig.from_hf_config(_old_style(rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf_config(_old_style(hidden_act="gelu"))
     with pytest.raises(ValueError, match="unknown floating dtype"):

@@ -78,10 +78,28 @@ def new_cache(cfg, num_blocks: int) -> torch.Tensor:
     )
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# RoPE scalings beyond the ARCHS set: (name, base arch, config overrides).
+ROPE_VARIANTS = {
+    "llama_linear_rope": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+    "qwen2_yarn_rope": (
+        "qwen2",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "rope_theta": 10000.0,
+            }
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=[*ARCHS, *ROPE_VARIANTS])
 def pair(request, tmp_path_factory):
     """(our model, its config, the HF reference) for one tiny architecture."""
-    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    arch, overrides = ROPE_VARIANTS.get(request.param, (request.param, {}))
+    path = make_tiny_model(arch, tmp_path_factory.mktemp(request.param), **overrides)
     model, cfg = load_model(path)
     return model, cfg, load_hf_model(path)
 
