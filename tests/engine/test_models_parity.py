@@ -161,3 +161,18 @@ def test_two_sequence_batch_matches_transformers(pair):
     assert_close(step1[23:], ref_b[:9])
     assert_close(step2[:1], ref_a[23:])
     assert_close(step2[1:], ref_b[9:])
+
+
+@torch.inference_mode()
+def test_bfloat16_forward_tracks_float32(tmp_path):
+    """bf16 weights and activations (the GPU dtype) stay close to the fp32 model."""
+    path = make_tiny_model("qwen3", tmp_path)
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        model, cfg = load_model(path, dtype=dtype)
+        cache = new_cache(cfg, 3).to(getattr(torch, dtype))
+        ids, pos, ctx = make_step([(Seq(prompt(40, seed=5), first_block=0), 40)], 3, cache)
+        logits[dtype] = model.compute_logits(model(ids, pos, ctx))
+    assert logits["bfloat16"].dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(logits["bfloat16"], logits["float32"], dim=-1)
+    assert cos.min() > 0.999, cos.min()
