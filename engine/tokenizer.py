@@ -6,6 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# A directory has a real tokenizer only if one of these exists; without them transformers
+# may still build an *empty* tokenizer from tokenizer_config.json or the model type alone.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
 
 def load_tokenizer(path: Path | str) -> Any:
     """The HF tokenizer saved in the model directory ``path`` (never downloads)."""
@@ -14,6 +18,8 @@ def load_tokenizer(path: Path | str) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a model directory")
+    if not any((path / name).is_file() for name in _VOCAB_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_VOCAB_FILES)}); pass token ids instead of text")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

@@ -81,6 +81,14 @@ def test_tokenizer_chat_template(tmp_path: Path) -> None:
         encode_chat(tok, [{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_model_without_tokenizer_files_has_no_tokenizer(arch: str, tmp_path: Path) -> None:
+    # transformers would happily build an empty Qwen2Tokenizer here; we refuse instead.
+    path = make_tiny_model(arch, tmp_path, with_tokenizer=False)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        load_tokenizer(path)
+
+
 def test_gguf_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A conversion that dies halfway leaves no cache entry; the next call converts again."""
     fake = tmp_path / "tiny.gguf"
