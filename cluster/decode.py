@@ -97,6 +97,9 @@ class DecodeServer:
             if kw.get("max_tokens") is None:
                 room = self.max_model_len - len(prompt_ids)
                 kw["max_tokens"] = max(1, min(self.cfg.model.default_max_tokens, room))
+            if kw.get("cache_ttl_s") is not None:
+                # Providers clamp long retention requests ("24h") to what they offer.
+                kw["cache_ttl_s"] = min(float(kw["cache_ttl_s"]), self.cfg.cache.max_ttl_s)
             params = SamplingParams(**kw)
             self._origin[rid] = LOCAL
             stream = await self.loop.add_request(rid, prompt_ids, params, remote_prefill=self.role == "decode")
@@ -144,9 +147,9 @@ class DecodeServer:
         }
 
     async def inject_transfer_failures(self, count: int) -> None:
-        """Fault injection (operators' chaos drills, tests): the next ``count`` remote
-        prefills are computed but their KV is never sent, exercising the timeout and
-        local-recompute path end to end."""
+        """Fault injection (operators' chaos drills, tests): for the next ``count`` remote
+        prefills this replica waits for a transfer that never comes, exercising the
+        transfer timeout, the pair re-forming and the local recompute end to end."""
         self._inject_failures = count
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -188,7 +191,6 @@ class DecodeServer:
                         "first_block_index": plan.first_block_index,
                         "endpoint": endpoint.__dict__,
                         "transfer_id": tid,
-                        "drop_transfer": drop,
                     },
                     hints=self._prefill_hints(plan),
                 ),
@@ -199,8 +201,10 @@ class DecodeServer:
             shape = tuple(resp["shape"])
             if shape[2] != len(plan.block_ids):
                 raise TransferError(f"prefill sent {shape[2]} blocks, {len(plan.block_ids)} expected")
+            # Fault injection waits for a transfer id nobody sends: the real timeout path.
+            recv_tid = tid + (1 << 29) if drop else tid
             buf = await asyncio.to_thread(
-                self.transport.recv, resp["group_id"], tid, shape, dtype_from_str(resp["dtype"]),
+                self.transport.recv, resp["group_id"], recv_tid, shape, dtype_from_str(resp["dtype"]),
                 self.cfg.transport.transfer_timeout_s,
             )
             cached = max(plan.num_local_cached_tokens, int(resp["num_cached_tokens"]))

@@ -54,8 +54,7 @@ class PrefillServer:
         """Prefill ``req`` and post its blocks to the decode replica.
 
         ``req``: ``request_id``, ``prompt_token_ids``, ``params`` (SamplingParams kwargs),
-        ``first_block_index``, ``endpoint`` (TransportEndpoint fields), ``transfer_id`` and
-        optionally ``drop_transfer`` (fault injection: compute but never send).
+        ``first_block_index``, ``endpoint`` (TransportEndpoint fields) and ``transfer_id``.
         Returns ``first_token_id``, ``num_cached_tokens``, ``group_id``, ``shape``,
         ``dtype`` and ``replica_id`` — or ``error`` with a message. ``hints`` (routing
         hints) are read by the pool's RequestRouter, not here.
@@ -79,8 +78,6 @@ class PrefillServer:
         export = final.kv_export
         try:
             buffer = await self.loop.call(lambda eng: eng.read_kv_blocks(export.block_ids))
-            if req.get("drop_transfer"):
-                raise TransferError("fault injection: transfer dropped")
             endpoint = TransportEndpoint(**req["endpoint"])
             handle = await asyncio.to_thread(self.transport.send, endpoint, req["transfer_id"], buffer)
         except Exception as e:  # noqa: BLE001 - any failure: the decode side recomputes

@@ -28,10 +28,16 @@ logger = logging.getLogger(__name__)
 
 _JOIN_COUNTER = "kvferry/joins"
 _TAG_MOD = 1 << 30  # gloo tags are C ints
+_ACCEPT_POLL_S = 0.02
 
 
 def _join_key(n: int) -> str:
     return f"kvferry/join/{n}"
+
+
+def _failed_key(n: int) -> str:
+    # Set by the receiver when a transfer on group n failed: the sender must re-pair.
+    return f"kvferry/failed/{n}"
 
 
 def _td(seconds: float) -> dt.timedelta:
@@ -135,12 +141,14 @@ class TorchDistTransport(KVTransport):
     def _accept_loop(self, acc: _Acceptor) -> None:
         n = 1
         while not self._closed.is_set():
+            # Poll with check(): a timed-out store.wait() logs a c10d warning every time.
             try:
-                acc.store.wait([_join_key(n)], _td(0.5))
-            except Exception:  # noqa: BLE001 - a wait timeout: nobody joined yet
-                continue
-            if self._closed.is_set():
+                joined = acc.store.check([_join_key(n)])
+            except Exception:  # noqa: BLE001 - store torn down
                 return
+            if not joined:
+                self._closed.wait(_ACCEPT_POLL_S)
+                continue
             peer = acc.store.get(_join_key(n)).decode()
             try:
                 group = _make_group(
@@ -176,10 +184,16 @@ class TorchDistTransport(KVTransport):
             work = group.recv([buf], 0, transfer_id % _TAG_MOD)
             work.wait(_td(timeout_s))
         except Exception as e:  # noqa: BLE001 - timeout, peer gone, reset: all are failures
+            # A failed group is never trusted again; tell the sender so it re-pairs at once
+            # instead of finding out through its own send timeout.
             with acc.cond:
                 acc.groups.pop(group_id, None)
                 acc.failed.add(group_id)
             self._graveyard.append((locals().get("work"), buf))  # type: ignore[arg-type]
+            try:
+                acc.store.set(_failed_key(group_id), "1")
+            except Exception:  # noqa: BLE001 - best effort
+                pass
             raise TransferError(f"recv of transfer {transfer_id} on group {group_id} failed: {e}") from e
         return buf
 
@@ -189,6 +203,9 @@ class TorchDistTransport(KVTransport):
         key = (endpoint.host, endpoint.port, endpoint.owner_id)
         with self._lock:
             pair = self._pairs.get(key)
+        if pair is not None and self._receiver_failed(pair):
+            self._drop_pair(key, None, None)
+            pair = None
         if pair is not None:
             return key, pair
         # Joins are rare: one at a time, so two racing sends never build two groups.
@@ -198,6 +215,13 @@ class TorchDistTransport(KVTransport):
             if pair is not None:
                 return key, pair
             return key, self._join(key, endpoint)
+
+    @staticmethod
+    def _receiver_failed(pair: _Pair) -> bool:
+        try:
+            return bool(pair.store.check([_failed_key(pair.group_id)]))
+        except Exception:  # noqa: BLE001 - receiver's store unreachable: the pair is dead too
+            return True
 
     def _join(self, key: tuple, endpoint: TransportEndpoint) -> _Pair:
         try:
@@ -229,10 +253,11 @@ class TorchDistTransport(KVTransport):
         result = SendResult(pair.group_id, tuple(buf.shape), str(buf.dtype))
         return _TorchSendHandle(self, key, work, buf, result)
 
-    def _drop_pair(self, key: tuple, work: dist.Work | None, buf: torch.Tensor) -> None:
+    def _drop_pair(self, key: tuple, work: dist.Work | None, buf: torch.Tensor | None) -> None:
         with self._lock:
             self._pairs.pop(key, None)
-            self._graveyard.append((work, buf))  # type: ignore[arg-type]
+            if work is not None or buf is not None:
+                self._graveyard.append((work, buf))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -104,9 +104,11 @@ def test_chat_greedy_matches_single_engine_and_names_both_replicas(client, model
     assert resp.usage.completion_tokens == 12
     assert resp.usage.prompt_tokens_details.cached_tokens == 0
 
-    # Same prompt again: the decode replica's prefix cache serves it, same answer.
+    # Same prompt again: the decode replica's prefix cache serves it, same answer. A longer
+    # retention than the server's maximum is clamped, not refused.
     again = client.chat.completions.create(
-        model=model_name, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        model=model_name, messages=messages, max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True, "prompt_cache_retention": "24h"},
     )
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     assert again.choices[0].message.content == resp.choices[0].message.content
@@ -150,11 +152,12 @@ def test_transfer_failure_recomputes_locally(server, client, model_name, referen
     assert raw.parse().choices[0].message.content == _ref_chat(reference_engine, messages, 8)
     stats = decode.stats.remote().result()
     assert stats["num_transfer_failures"] >= 1
-    # The transport still works afterwards.
+    # The transport re-pairs and ferries KV again right afterwards.
     messages2 = [{"role": "user", "content": "another fresh prompt after the failure, about quays " * 3}]
     raw2 = client.chat.completions.with_raw_response.create(
         model=model_name, messages=messages2, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
     )
+    assert raw2.headers["x-kvferry-prefill-replica"] != "local"
     assert raw2.parse().choices[0].message.content == _ref_chat(reference_engine, messages2, 4)
 
 

@@ -128,3 +128,37 @@ def test_backend_selection_offers_only_existing_backends() -> None:
     assert "cuda_ipc" not in available_backends() or torch.cuda.is_available()
     with pytest.raises(ValueError):
         make_transport("carrier-pigeon", "x")
+
+
+def _sender_after_failure(endpoint: TransportEndpoint, results: mp.Queue, go: mp.Event) -> None:
+    """Sends transfer 5 (the receiver will give up on it), then transfer 7 once told to."""
+    t = make_transport("gloo", "prefill-r", connect_timeout_s=10, transfer_timeout_s=10)
+    t.send(endpoint, 5, _payload(5))
+    results.put(1)
+    assert go.wait(30)
+    h = t.send(endpoint, 7, _payload(7))  # must notice the failed group and re-pair
+    results.put(h.result.group_id)
+    h.wait(10)
+    time.sleep(0.5)
+    t.close()
+
+
+def test_failed_group_is_replaced_on_the_next_send() -> None:
+    recv_side = make_transport("gloo", "decode-r", connect_timeout_s=10, transfer_timeout_s=10)
+    endpoint = recv_side.listen()
+    ctx = tmp.get_context("spawn")
+    q, go = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_sender_after_failure, args=(endpoint, q, go))
+    proc.start()
+    try:
+        assert q.get(timeout=60) == 1
+        with pytest.raises(TransferError):  # the receiver waits for a transfer that never comes
+            recv_side.recv(1, 6, SHAPE, torch.float32, timeout_s=1.0)
+        go.set()
+        new_group = q.get(timeout=30)
+        assert new_group == 2
+        assert torch.equal(recv_side.recv(new_group, 7, SHAPE, torch.float32, timeout_s=10), _payload(7))
+    finally:
+        proc.join(timeout=30)
+        recv_side.close()
+    assert proc.exitcode == 0
