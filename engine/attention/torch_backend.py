@@ -30,7 +30,18 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     """(num_blocks, bs, H_kv, D) + (nb,) -> (length, H_kv, D) of one sequence."""
     bs = cache.shape[1]
     nb = (length + bs - 1) // bs
-    return cache[block_table[:nb].long()].flatten(0, 1)[:length]
+    return _gather_blocks(cache, block_table[:nb]).flatten(0, 1)[:length]
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, bs, H_kv, D) + block ids of any shape S -> (*S, bs, H_kv, D).
+
+    index_select over whole flattened blocks is a row memcpy; advanced indexing
+    (``cache[ids]``) is ~1.6x slower on CPU for the same bytes.
+    """
+    nblk = cache.shape[0]
+    rows = cache.view(nblk, -1).index_select(0, block_ids.reshape(-1).long())
+    return rows.view(*block_ids.shape, *cache.shape[1:])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -77,10 +88,10 @@ class TorchAttentionBackend(AttentionBackend):
         bs = k_cache.shape[1]
         max_len = max(meta.decode_context_lens_list)
         nb = (max_len + bs - 1) // bs
-        tables = meta.decode_block_tables[:, :nb].long()  # (B, nb)
+        tables = meta.decode_block_tables[:, :nb]  # (B, nb)
         b = q.shape[0]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # (B, L, H_kv, D)
-        vals = v_cache[tables].flatten(1, 2)[:, :max_len]
+        keys = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len]  # (B, L, H_kv, D)
+        vals = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len]
         pos = torch.arange(max_len, device=q.device)
         mask = pos[None, :] < meta.decode_context_lens[:, None].to(q.device)  # (B, L)
         h, h_kv = q.shape[1], keys.shape[2]
