@@ -161,6 +161,10 @@ class Ingress:
         except (asyncio.TimeoutError, StopAsyncIteration) as e:
             gen.cancel()
             raise KvferryError(504, "generation did not finish in time", code=REQUEST_TIMEOUT) from e
+        except BaseException:
+            # Client went away (handler cancelled) or the replica failed: stop generating.
+            gen.cancel()
+            raise
         usage = _usage(last)
         if chat:
             resp: Any = ChatCompletionResponse(

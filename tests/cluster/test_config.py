@@ -55,3 +55,14 @@ def test_unknown_keys_and_bad_values_are_rejected(tmp_path) -> None:
         ServeConfig().with_overrides({"decode.num_cpus": -1})
     with pytest.raises(ValidationError):
         ServeConfig.model_validate({"cache": {"default_ttl_s": 7200, "max_ttl_s": 3600}})
+
+
+def test_the_documented_yaml_example_is_valid(tmp_path) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    p = tmp_path / "doc.yaml"
+    p.write_text(block)
+    cfg = ServeConfig.from_yaml(p)
+    assert cfg.cache.local_prefill_threshold == 64 and cfg.transport.backend == "auto"
