@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from ray import serve
 from cluster.config import ServeConfig
 from cluster.engine_loop import EngineDeadError, EngineLoop
 from cluster.errors import CONTEXT_LENGTH_EXCEEDED, DECODE_POOL_UNAVAILABLE
+from cluster.metrics import ReplicaMetrics, publish_engine_stats
 from cluster.replica import build_transport, limit_threads, replica_id
 from cluster.routing import EventPump, routing_hints, routing_stats
 from cluster.transport import TransferError, dtype_from_str
@@ -78,6 +80,8 @@ class DecodeServer:
         self._inject_failures = 0
         self.num_remote_prefills = 0
         self.num_transfer_failures = 0
+        self.metrics = ReplicaMetrics()
+        self._metrics_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ API
 
@@ -91,6 +95,8 @@ class DecodeServer:
         from engine import SamplingParams
 
         rid = req["request_id"]
+        t0 = time.monotonic()
+        self._ensure_metrics_task()
         try:
             prompt_ids = await self.loop.call(lambda eng: _tokenize(eng, req))
             kw = dict(req["params"])
@@ -113,8 +119,16 @@ class DecodeServer:
             self._origin.pop(rid, None)
             yield _error(503, f"decode replica unavailable: {e}", DECODE_POOL_UNAVAILABLE)
             return
+        last_t: float | None = None
         try:
             async for out in stream:
+                now = time.monotonic()
+                if out.new_token_ids:
+                    (self.metrics.itl if last_t is not None else self.metrics.ttft).observe(now - (last_t or t0))
+                    last_t = now
+                if out.finished:
+                    self.metrics.e2e.observe(now - t0)
+                    self.metrics.finished(out.finish_reason, out.num_prompt_tokens, len(out.token_ids))
                 yield {
                     "new_text": out.new_text,
                     "new_token_ids": list(out.new_token_ids),
@@ -152,6 +166,12 @@ class DecodeServer:
         transfer timeout, the pair re-forming and the local recompute end to end."""
         self._inject_failures = count
 
+    def _ensure_metrics_task(self) -> None:
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.get_running_loop().create_task(
+                publish_engine_stats(self.metrics, self.loop)
+            )
+
     def record_routing_stats(self) -> dict[str, Any]:
         """Load snapshot Serve hands to this pool's RequestRouter (never waits for a step)."""
         return routing_stats(self.loop.last_stats, self.cfg.pool(self.role).max_num_seqs)
@@ -177,6 +197,7 @@ class DecodeServer:
         rid = plan.request_id
         assert self.transport is not None and self.prefill is not None
         tid = next(self._transfer_ids)
+        t0 = time.monotonic()
         drop = self._inject_failures > 0
         if drop:
             self._inject_failures -= 1
@@ -214,8 +235,12 @@ class DecodeServer:
             landed = await self.loop.call(lambda eng: _land(eng, plan, buf, first, cached))
             if landed:
                 self.num_remote_prefills += 1
+                self.metrics.inc("kvferry_remote_prefills_total")
+                self.metrics.inc("kvferry_kv_transfer_bytes_total", buf.numel() * buf.element_size())
+                self.metrics.transfer_s.observe(time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - pool down, timeout, transfer error: recompute
             self.num_transfer_failures += 1
+            self.metrics.inc("kvferry_kv_transfer_failures_total")
             logger.warning("remote prefill of %s failed (%s); recomputing locally", rid, e)
             if rid in self._origin:
                 self._origin[rid] = LOCAL

@@ -18,6 +18,7 @@ from ray import serve
 
 from cluster.config import ServeConfig
 from cluster.engine_loop import EngineLoop
+from cluster.metrics import ReplicaMetrics, publish_engine_stats
 from cluster.replica import build_transport, limit_threads, replica_id
 from cluster.routing import EventPump, routing_stats
 from cluster.transport import TransferError, TransportEndpoint
@@ -49,6 +50,8 @@ class PrefillServer:
         self._tasks: set[asyncio.Task] = set()
         self.num_sent = 0
         self.num_send_failures = 0
+        self.metrics = ReplicaMetrics()
+        self._metrics_task: asyncio.Task | None = None
 
     async def prefill(self, req: dict[str, Any], hints: Any = None) -> dict[str, Any]:
         """Prefill ``req`` and post its blocks to the decode replica.
@@ -61,6 +64,10 @@ class PrefillServer:
         """
         from engine import SamplingParams
 
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.get_running_loop().create_task(
+                publish_engine_stats(self.metrics, self.loop)
+            )
         # Prefill-side id: the decode replica may retry the same request after a failure.
         rid = f"{req['request_id']}@{req['transfer_id']}"
         params = SamplingParams(**req["params"])

@@ -234,3 +234,22 @@ def test_bench_against_the_server(server, tmp_path: Path) -> None:
     assert summary["wall_s"] <= time.monotonic() - t0 + 1
     write_json(tmp_path / "b.json", summary)
     assert json.loads((tmp_path / "b.json").read_text())["num_ok"] == 4
+
+
+def test_replica_metrics_reach_prometheus(ray_cluster, server, client, model_name) -> None:
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    client.completions.create(model=model_name, prompt="metrics please " * 4, max_tokens=2)
+    deadline, text = time.monotonic() + 40, ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if "kvferry_ttft_seconds" in text and "kvferry_remote_prefills_total" in text:
+            break
+        time.sleep(2)
+    assert "kvferry_ttft_seconds_bucket" in text
+    assert 'deployment="decode"' in text
+    assert "kvferry_remote_prefills_total" in text and "kvferry_kv_usage" in text
