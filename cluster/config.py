@@ -100,7 +100,10 @@ class TransportConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = Field(
         "auto", description="KV transport backend; auto picks gloo on CPU, nccl between GPUs."
     )
-    host: str = Field("127.0.0.1", description="Address replicas advertise for their rendezvous store.")
+    host: str = Field(
+        "auto",
+        description='Address a receiving replica advertises for its rendezvous store; "auto" = its Ray node IP.',
+    )
     connect_timeout_s: float = Field(20.0, gt=0, description="Timeout to form a 2-rank process group.")
     transfer_timeout_s: float = Field(20.0, gt=0, description="Timeout of one KV transfer (send or recv).")
 

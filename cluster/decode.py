@@ -31,7 +31,7 @@ from cluster.config import ServeConfig
 from cluster.engine_loop import EngineDeadError, EngineLoop
 from cluster.errors import CONTEXT_LENGTH_EXCEEDED, DECODE_POOL_UNAVAILABLE
 from cluster.metrics import ReplicaMetrics, publish_engine_stats
-from cluster.replica import build_transport, limit_threads, replica_id
+from cluster.replica import build_transport, limit_threads, replica_id, run_blocking
 from cluster.routing import EventPump, routing_hints, routing_stats
 from cluster.transport import TransferError, dtype_from_str
 
@@ -224,7 +224,7 @@ class DecodeServer:
                 raise TransferError(f"prefill sent {shape[2]} blocks, {len(plan.block_ids)} expected")
             # Fault injection waits for a transfer id nobody sends: the real timeout path.
             recv_tid = tid + (1 << 29) if drop else tid
-            buf = await asyncio.to_thread(
+            buf = await run_blocking(
                 self.transport.recv, resp["group_id"], recv_tid, shape, dtype_from_str(resp["dtype"]),
                 self.cfg.transport.transfer_timeout_s,
             )

@@ -82,7 +82,10 @@ class Ingress:
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = await self.decode.model_info.remote()
+            try:
+                self._info = await self.decode.model_info.remote()
+            except Exception as e:  # noqa: BLE001 - no decode replica answers
+                raise KvferryError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
         return self._info
 
     # ------------------------------------------------------------------ routes

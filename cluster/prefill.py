@@ -19,7 +19,7 @@ from ray import serve
 from cluster.config import ServeConfig
 from cluster.engine_loop import EngineLoop
 from cluster.metrics import ReplicaMetrics, publish_engine_stats
-from cluster.replica import build_transport, limit_threads, replica_id
+from cluster.replica import build_transport, limit_threads, replica_id, run_blocking
 from cluster.routing import EventPump, routing_stats
 from cluster.transport import TransferError, TransportEndpoint
 
@@ -86,7 +86,7 @@ class PrefillServer:
         try:
             buffer = await self.loop.call(lambda eng: eng.read_kv_blocks(export.block_ids))
             endpoint = TransportEndpoint(**req["endpoint"])
-            handle = await asyncio.to_thread(self.transport.send, endpoint, req["transfer_id"], buffer)
+            handle = await run_blocking(self.transport.send, endpoint, req["transfer_id"], buffer)
         except Exception as e:  # noqa: BLE001 - any failure: the decode side recomputes
             self.num_send_failures += 1
             await self.loop.call(lambda eng: eng.release_kv_export(rid))
@@ -106,7 +106,7 @@ class PrefillServer:
     async def _finish_send(self, rid: str, handle: Any) -> None:
         """Wait for delivery off the event loop, then end the lease (blocks stay cached)."""
         try:
-            await asyncio.to_thread(handle.wait, self.cfg.transport.transfer_timeout_s)
+            await run_blocking(handle.wait, self.cfg.transport.transfer_timeout_s)
             self.num_sent += 1
         except TransferError as e:
             self.num_send_failures += 1

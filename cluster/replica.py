@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
 from cluster.config import ServeConfig
 from cluster.transport import KVTransport, make_transport, select_backend
+
+T = TypeVar("T")
 
 
 def replica_id(fallback: str) -> str:
@@ -34,11 +40,37 @@ def build_transport(cfg: ServeConfig, role: str, rid: str) -> KVTransport:
     """The KV transport of a replica, backend chosen from the config and the device."""
     device = "cuda" if cfg.pool(role).num_gpus > 0 else "cpu"
     backend = select_backend(cfg.transport.backend, device)
+    host = cfg.transport.host
+    if host == "auto":
+        # Peers on other nodes must reach this replica's store: advertise the node's IP.
+        try:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - outside Ray: single machine
+            host = "127.0.0.1"
     return make_transport(
         backend,
         rid,
-        host=cfg.transport.host,
+        host=host,
         connect_timeout_s=cfg.transport.connect_timeout_s,
         transfer_timeout_s=cfg.transport.transfer_timeout_s,
         device=device,
     )
+
+
+_TRANSPORT_POOL: ThreadPoolExecutor | None = None
+
+
+def transport_executor() -> ThreadPoolExecutor:
+    """Threads for blocking transport calls (joins, sends, receives), apart from asyncio's
+    default pool so many in-flight transfers never starve other ``to_thread`` users."""
+    global _TRANSPORT_POOL
+    if _TRANSPORT_POOL is None:
+        _TRANSPORT_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-transport")
+    return _TRANSPORT_POOL
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the transport executor."""
+    return await asyncio.get_running_loop().run_in_executor(transport_executor(), fn, *args)
