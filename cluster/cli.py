@@ -46,8 +46,10 @@ def _deployment_lines(status: Any, app_name: str) -> list[str]:
     return lines
 
 
-def _deploy_with_progress(cfg: Any, timeout_s: float) -> None:
-    """``serve.run`` without blocking, then poll ``serve.status`` and show replica states."""
+def _deploy_with_progress(cfg: Any, timeout_s: float, stop: threading.Event) -> None:
+    """``serve.run`` without blocking, then poll ``serve.status`` and show replica states.
+
+    Ctrl-C while models load stops waiting at once (the caller then shuts down)."""
     from ray import serve
 
     from cluster.app import build_app
@@ -65,7 +67,8 @@ def _deploy_with_progress(cfg: Any, timeout_s: float) -> None:
                 raise RuntimeError(f"deployment failed: {app_st.message or app_st.status}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"application not running after {timeout_s:.0f}s")
-            time.sleep(0.5)
+            if stop.wait(0.5):
+                raise RuntimeError("interrupted while deploying")
 
 
 @app.command()
@@ -126,7 +129,7 @@ def serve(
         rserve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     code = 0
     try:
-        _deploy_with_progress(cfg, deploy_timeout_s)
+        _deploy_with_progress(cfg, deploy_timeout_s, stop)
         url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
         console.print(f"[green]kvferry is serving[/green] {url}  (model: {cfg.model.model}, mode: {cfg.mode})")
         console.print(f"  try: curl {url}/v1/models      Ctrl-C to stop")

@@ -86,8 +86,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def error_response(err: KvferryError, request_id: str | None = None) -> JSONResponse:
-    headers = {"x-request-id": request_id} if request_id else None
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+    # No x-request-id here: Serve's proxy echoes the request's id on every response.
+    return JSONResponse(err.body(), status_code=err.status_code)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

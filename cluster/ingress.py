@@ -53,12 +53,10 @@ install_error_handlers(api)
 
 @api.middleware("http")
 async def _request_id(request: Request, call_next: Any) -> Any:
-    """Every response carries ``x-request-id`` (the client's, or a fresh one)."""
-    rid = request.headers.get("x-request-id") or new_request_id()
-    request.state.request_id = rid
-    response = await call_next(request)
-    response.headers["x-request-id"] = rid
-    return response
+    """Adopt Serve's request id (its proxy passes it in and echoes it as ``x-request-id``
+    on every response, so we must not add a second one)."""
+    request.state.request_id = request.headers.get("x-request-id") or new_request_id()
+    return await call_next(request)
 
 
 def _usage(last: dict[str, Any]) -> Usage:
@@ -145,7 +143,6 @@ class Ingress:
         if "error" in first:
             raise KvferryError.from_dict(first["error"])
         headers = {
-            "x-request-id": rid,
             "x-kvferry-prefill-replica": first["prefill_replica"],
             "x-kvferry-decode-replica": first["decode_replica"],
         }

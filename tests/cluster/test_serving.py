@@ -96,7 +96,9 @@ def test_chat_greedy_matches_single_engine_and_names_both_replicas(client, model
     resp = raw.parse()
     prefill_replica = raw.headers["x-kvferry-prefill-replica"]
     decode_replica = raw.headers["x-kvferry-decode-replica"]
-    assert raw.headers["x-request-id"]
+    # Exactly one request id, and it is the one the response is named after.
+    assert len(raw.headers.get_list("x-request-id")) == 1
+    assert raw.parse().id == "chatcmpl-" + raw.headers["x-request-id"]
     # The long prompt was prefilled remotely: two different replicas served it.
     assert prefill_replica != "local" and "prefill" in prefill_replica
     assert "decode" in decode_replica and prefill_replica != decode_replica
@@ -212,6 +214,7 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, model_name
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+    assert len(r.headers.get_list("x-request-id")) == 1
     assert "Traceback" not in r.text
     if status == 404:
         assert err["code"] == "model_not_found"
