@@ -7,7 +7,6 @@ conversation must keep landing on the decode replica that holds its prefix.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
