@@ -49,7 +49,7 @@ def _deployment_lines(status: Any, app_name: str) -> list[str]:
 def _deploy_with_progress(cfg: Any, timeout_s: float, stop: threading.Event) -> None:
     """``serve.run`` without blocking, then poll ``serve.status`` and show replica states.
 
-    Ctrl-C while models load stops waiting at once (the caller then shuts down)."""
+    Ctrl-C while models load stops waiting at once (the caller then shuts down cleanly)."""
     from ray import serve
 
     from cluster.app import build_app
@@ -68,7 +68,7 @@ def _deploy_with_progress(cfg: Any, timeout_s: float, stop: threading.Event) -> 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"application not running after {timeout_s:.0f}s")
             if stop.wait(0.5):
-                raise RuntimeError("interrupted while deploying")
+                return
 
 
 @app.command()
@@ -130,11 +130,15 @@ def serve(
     code = 0
     try:
         _deploy_with_progress(cfg, deploy_timeout_s, stop)
+        if stop.is_set():
+            raise KeyboardInterrupt  # Ctrl-C while loading: a requested, clean stop
         url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
         console.print(f"[green]kvferry is serving[/green] {url}  (model: {cfg.model.model}, mode: {cfg.mode})")
         console.print(f"  try: curl {url}/v1/models      Ctrl-C to stop")
         while not stop.wait(0.5):
             pass
+    except KeyboardInterrupt:
+        console.print("interrupted while deploying")
     except RuntimeError as e:
         console.print(f"[red]{e}[/red]")
         code = 1

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,20 +56,20 @@ def test_serve_then_sigint_shuts_down_cleanly(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(url + "/v1/models", timeout=5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
+        while time.monotonic() < deadline and not any("kvferry is serving" in ln for ln in lines):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.5)
+        r = httpx.get(url + "/v1/models", timeout=10)
         assert r.json()["data"][0]["id"] == "llama"
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        out = "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
