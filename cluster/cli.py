@@ -56,11 +56,16 @@ def _deploy_with_progress(cfg: Any, timeout_s: float, stop: threading.Event) -> 
 
     serve._run(build_app(cfg), _blocking=False, name=cfg.app_name, route_prefix=cfg.route_prefix)
     deadline = time.monotonic() + timeout_s
+    shown: list[str] = []
     with console.status("deploying…") as spinner:
         while True:
             st = serve.status()
             app_st = st.applications.get(cfg.app_name)
-            spinner.update("loading models\n" + "\n".join(_deployment_lines(st, cfg.app_name)))
+            lines = _deployment_lines(st, cfg.app_name)
+            spinner.update("loading models\n" + "\n".join(lines))
+            if not console.is_terminal and lines != shown:  # logs/pipes get plain progress lines
+                console.print("loading models: " + "; ".join(lines))
+                shown = lines
             if app_st is not None and app_st.status == "RUNNING":
                 return
             if app_st is not None and app_st.status in ("DEPLOY_FAILED", "UNHEALTHY"):

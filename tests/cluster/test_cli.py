@@ -75,6 +75,7 @@ def test_serve_then_sigint_shuts_down_cleanly(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, out
+    assert "loading models" in out  # progress while replicas start
     assert "kvferry is serving" in out and url in out and "stopped" in out
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
