@@ -62,16 +62,29 @@ class _Pair:
     group_id: int
     group: dist.ProcessGroup
     store: dist.Store
+    # NCCL ignores tags and matches sends to receives in issue order; the receiver posts
+    # receives in whatever order replies reach it, so an NCCL pair carries one transfer at
+    # a time (held from send until delivered). gloo matches by tag and needs no lock.
+    in_flight: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
 
 
 class _TorchSendHandle(SendHandle):
-    def __init__(self, owner: TorchDistTransport, key: tuple, work: dist.Work, buffer: torch.Tensor, result: SendResult):
+    def __init__(
+        self,
+        owner: TorchDistTransport,
+        key: tuple,
+        work: dist.Work,
+        buffer: torch.Tensor,
+        result: SendResult,
+        release: threading.Semaphore | None = None,
+    ) -> None:
         self._owner = owner
         self._key = key
         self._work = work
-        # The buffer must outlive the send: gloo reads it asynchronously.
+        # The buffer must outlive the send: the backend reads it asynchronously.
         self._buffer = buffer
         self.result = result
+        self._release = release
 
     def wait(self, timeout_s: float) -> None:
         try:
@@ -79,6 +92,10 @@ class _TorchSendHandle(SendHandle):
         except Exception as e:  # noqa: BLE001 - any backend failure is a transfer failure
             self._owner._drop_pair(self._key, self._work, self._buffer)
             raise TransferError(f"send on group {self.result.group_id} failed: {e}") from e
+        finally:
+            if self._release is not None:
+                self._release.release()
+                self._release = None
 
 
 @dataclass
@@ -245,13 +262,20 @@ class TorchDistTransport(KVTransport):
             raise ValueError(f"endpoint speaks {endpoint.backend}, this transport {self.backend}")
         key, pair = self._pair(endpoint)
         buf = buffer.to(self.device).contiguous()
+        release = None
+        if self.backend == "nccl":
+            if not pair.in_flight.acquire(timeout=self.transfer_timeout_s):
+                raise TransferError(f"pair with {endpoint.owner_id} busy for {self.transfer_timeout_s}s")
+            release = pair.in_flight
         try:
             work = pair.group.send([buf], 1, transfer_id % _TAG_MOD)
         except Exception as e:  # noqa: BLE001
+            if release is not None:
+                release.release()
             self._drop_pair(key, None, buf)
             raise TransferError(f"send to {endpoint.owner_id} failed: {e}") from e
         result = SendResult(pair.group_id, tuple(buf.shape), str(buf.dtype))
-        return _TorchSendHandle(self, key, work, buf, result)
+        return _TorchSendHandle(self, key, work, buf, result, release)
 
     def _drop_pair(self, key: tuple, work: dist.Work | None, buf: torch.Tensor | None) -> None:
         with self._lock:
