@@ -269,7 +269,7 @@ def _land(eng: Any, plan: Any, buf: Any, first_token_id: int, cached: int) -> bo
 
     The check matters: an aborted request's blocks may already belong to someone else.
     """
-    if plan.request_id not in eng.scheduler.remote_waiting:
+    if not eng.is_waiting_for_remote_kv(plan.request_id):
         return False
     eng.write_kv_blocks(plan.block_ids, buf)
     eng.complete_remote_prefill(plan.request_id, first_token_id, cached)

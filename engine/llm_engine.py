@@ -255,6 +255,14 @@ class LLMEngine:
             raise ValueError(f"KV buffer shape {tuple(buffer.shape)} != expected {expected}")
         self.runner.write_blocks(list(block_ids), buffer)
 
+    def is_waiting_for_remote_kv(self, request_id: str) -> bool:
+        """Decode role: True while ``request_id`` still owns its reserved blocks and awaits KV.
+
+        Check it right before ``write_kv_blocks``: an aborted request's blocks may already
+        belong to another request.
+        """
+        return request_id in self.scheduler.remote_waiting
+
     def complete_remote_prefill(
         self, request_id: str, first_token_id: int, num_cached_tokens: int | None = None
     ) -> None:

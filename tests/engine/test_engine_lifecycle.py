@@ -229,6 +229,15 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
     assert run_disaggregated("x3", fail=True) == (want, True)
     for e in (pre, dec):
         assert e.pool.num_free_blocks == e.pool.num_blocks
+    # An aborted request no longer accepts KV: its reserved blocks are gone.
+    dec.add_request("x4", prompt, params, remote_prefill=True)
+    dec.step()
+    (plan,) = dec.take_remote_prefill_plans()
+    assert dec.is_waiting_for_remote_kv("x4")
+    dec.abort("x4")
+    assert not dec.is_waiting_for_remote_kv("x4")
+    assert dec.step()[0].finish_reason == "abort"
+    assert dec.pool.num_free_blocks == dec.pool.num_blocks
     # Leases that are never released expire.
     clock = FakeClock()
     pre2 = LLMEngine.from_pretrained(path, role="prefill", clock=clock, export_lease_timeout_s=5.0, **kw)
