@@ -48,6 +48,11 @@ class EngineConfig:
     device: str = "cpu"
     # "torch" (SDPA), "triton" or "flash_attn".
     attention_backend: str = "torch"
+    # Never capture CUDA graphs; decode steps then always run eagerly. Graphs are used only
+    # on CUDA with the "triton" backend, for decode-only steps that fit a captured batch.
+    enforce_eager: bool = False
+    # Largest decode batch captured as a CUDA graph (also capped by max_num_seqs and 256).
+    cuda_graph_max_batch: int = 64
     # torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None
     # Where GGUF files are converted to; None = ~/.cache/kvferry (or $KVFERRY_CACHE_DIR).
@@ -64,5 +69,7 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.default_ttl_s <= 0 or self.max_ttl_s < self.default_ttl_s:
             raise ValueError("need 0 < default_ttl_s <= max_ttl_s")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be positive, got {self.cuda_graph_max_batch}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be at least 2")

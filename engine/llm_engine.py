@@ -73,6 +73,10 @@ class LLMEngine:
             dtype=self.kv_dtype,
             device=self.device,
             attention_backend=config.attention_backend,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            cuda_graph_max_batch=config.cuda_graph_max_batch,
         )
         self._requests: dict[str, Request] = {}
         self._checkers: dict[str, StopChecker] = {}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
+from engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes, use_cuda_graphs
 from engine.forward_context import ForwardContext
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
@@ -44,6 +45,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         attention_backend: str,
+        *,
+        max_model_len: int = 0,
+        max_num_seqs: int = 1,
+        enforce_eager: bool = True,
+        cuda_graph_max_batch: int = 64,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -54,6 +60,13 @@ class ModelRunner:
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.sampler = Sampler()
+        # Decode-only steps replay CUDA graphs (engine.cuda_graph) when enabled; captured
+        # now, after the KV cache exists, because the graphs bake in its address.
+        self.graph_runner: DecodeGraphRunner | None = None
+        if use_cuda_graphs(device, attention_backend, enforce_eager) and max_model_len > 0:
+            sizes = graph_batch_sizes(max_num_seqs, cuda_graph_max_batch)
+            self.graph_runner = DecodeGraphRunner(model, self.kv_cache, block_size, max_model_len, sizes)
+            self.graph_runner.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int]:
@@ -74,19 +87,21 @@ class ModelRunner:
             if chunk.samples:
                 logits_indices.append(len(input_ids) - 1)
 
-        meta = self._metadata(out, slots)
-        ctx = ForwardContext(
-            kv_cache=self.kv_cache,
-            attn_metadata=meta,
-            backend=self.backend,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, ctx)  # (T, hidden)
+        logits_idx = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
+        if self.graph_runner is not None and self.graph_runner.can_run(out):
+            # (B_pad, hidden): rows past the batch are padding, never indexed below.
+            hidden = self.graph_runner.run_step(out, input_ids, positions, slots)
+        else:
+            meta = self._metadata(out, slots)
+            ctx = ForwardContext(
+                kv_cache=self.kv_cache, attn_metadata=meta, backend=self.backend, logits_indices=logits_idx
+            )
+            ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, pos, ctx)  # (T, hidden)
         if not logits_indices:
             return []
-        logits = self.model.compute_logits(hidden[ctx.logits_indices])  # (N, V)
+        logits = self.model.compute_logits(hidden[logits_idx])  # (N, V)
         sampled = [c for c in chunks if c.samples]
         return self.sampler.sample(
             logits,
