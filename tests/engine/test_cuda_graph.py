@@ -151,7 +151,7 @@ def test_cpu_engine_runs_eagerly(tiny_model_dir) -> None:
 
 
 # ------------------------------------------------------------------ the captured forward
-def _decode_batch(num_seqs: int, num_blocks: int, max_blocks: int, seed: int):
+def random_decode_batch(num_seqs: int, num_blocks: int, max_blocks: int, seed: int):
     """Random decode sequences over distinct blocks (block 0 left to padding rows)."""
     rng = np.random.default_rng(seed)
     free = list(rng.permutation(np.arange(1, num_blocks)))
@@ -217,7 +217,7 @@ def test_padded_static_forward_matches_unpadded_eager(tiny_model_dir, monkeypatc
     kv = random_kv_cache(cfg, num_blocks, torch.float32, "cpu")
     runner = DecodeGraphRunner(model, kv, BLOCK, max_len, [1, 2, 4, 8])
     for n, seed in ((3, 0), (5, 1)):
-        batch = _decode_batch(n, num_blocks, max_len // BLOCK, seed)
+        batch = random_decode_batch(n, num_blocks, max_len // BLOCK, seed)
         before = kv.clone()
         size = runner.prepare(*batch)
         assert size == {3: 4, 5: 8}[n]
