@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.decode_staging import DecodeStaging
 
 
 def store_kv_reference(
@@ -49,6 +50,10 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
+    def __init__(self, stage_decode: bool = True) -> None:
+        # Keeps the decode batch's K/V contiguous across steps (see decode_staging).
+        self._staging = DecodeStaging() if stage_decode else None
+
     def forward(
         self,
         q: torch.Tensor,
@@ -63,45 +68,59 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta, scale)
         if meta.num_prefills:
             start = nd
             for i, (qlen, ctx) in enumerate(
                 zip(meta.prefill_query_lens_list, meta.prefill_context_lens_list)
             ):
                 qi = q[start : start + qlen]  # (Q, H, D)
-                table = meta.prefill_block_tables[i]
-                ki = _gather_context(k_cache, table, ctx)  # (C, H_kv, D)
-                vi = _gather_context(v_cache, table, ctx)
+                if qlen == ctx:  # nothing cached before this chunk: its own K/V is the context
+                    ki, vi = k[start : start + qlen], v[start : start + qlen]
+                else:
+                    table = meta.prefill_block_tables[i]
+                    ki = _gather_context(k_cache, table, ctx)  # (C, H_kv, D)
+                    vi = _gather_context(v_cache, table, ctx)
                 out[start : start + qlen] = _causal_sdpa(qi, ki, vi, scale)
                 start += qlen
         return out
 
-    @staticmethod
     def _decode(
+        self,
         q: torch.Tensor,  # (B, H, D)
+        k_new: torch.Tensor,  # (B, H_kv, D)
+        v_new: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        bs = k_cache.shape[1]
-        max_len = max(meta.decode_context_lens_list)
-        nb = (max_len + bs - 1) // bs
-        tables = meta.decode_block_tables[:, :nb]  # (B, nb)
-        b = q.shape[0]
-        keys = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len]  # (B, L, H_kv, D)
-        vals = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len]
-        pos = torch.arange(max_len, device=q.device)
-        mask = pos[None, :] < meta.decode_context_lens[:, None].to(q.device)  # (B, L)
-        h, h_kv = q.shape[1], keys.shape[2]
+        lens = meta.decode_context_lens_list
+        max_len = max(lens)
+        b, h = q.shape[0], q.shape[1]
+        staged = None
+        if self._staging is not None:
+            staged = self._staging.keys_values(
+                k_new, v_new, k_cache, v_cache, meta.decode_block_tables, lens, meta.decode_context_lens, meta
+            )
+        if staged is not None:
+            keys, vals = staged  # (B, H_kv, L, D)
+        else:
+            bs = k_cache.shape[1]
+            tables = meta.decode_block_tables[:, : (max_len + bs - 1) // bs]  # (B, nb)
+            keys = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)  # (B, H_kv, L, D)
+            vals = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+        mask = None
+        if min(lens) != max_len:  # ragged batch: hide each row's padding
+            pos = torch.arange(max_len, device=q.device)
+            mask = (pos[None, :] < meta.decode_context_lens[:, None].to(q.device))[:, None, None, :]  # (B,1,1,L)
         out = F.scaled_dot_product_attention(
             q.view(b, h, 1, -1),  # (B, H, 1, D)
-            keys.transpose(1, 2),  # (B, H_kv, L, D)
-            vals.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            keys,
+            vals,
+            attn_mask=mask,
             scale=scale,
-            enable_gqa=h != h_kv,
+            enable_gqa=h != keys.shape[1],
         )  # (B, H, 1, D)
         return out.view(b, h, -1)
 

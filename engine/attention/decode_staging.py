@@ -1,0 +1,116 @@
+"""Contiguous K/V of the decode batch, kept across steps (a CPU fast path).
+
+Paged attention in plain torch has to gather every decode sequence's blocks into one
+padded tensor, per layer, per step. On CPU that gather moves as many bytes as the
+attention itself reads. But in steady-state decoding the batch is the same from one step
+to the next, and each sequence just grows by one token. So the first step gathers into
+a buffer with some headroom, and every following step only appends the new token's K/V.
+A new batch (a request joined or left, a block table changed, a preemption) rebuilds
+the buffer.
+
+The paged cache is still written every step, because it stays the source of truth for
+prefix caching, preemption and KV transfer. The staging buffer is only a read cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Above this many bytes per layer (K + V) staging is skipped and the caller gathers.
+MAX_STAGING_BYTES_PER_LAYER = 16 << 20
+# Extra positions allocated past the longest context, so appends rarely force a rebuild.
+HEADROOM = 64
+
+
+@dataclass
+class _LayerStage:
+    k: torch.Tensor  # (B, H_kv, L_cap, D)
+    v: torch.Tensor  # (B, H_kv, L_cap, D)
+
+
+class DecodeStaging:
+    """Per-layer staging buffers, plus a check done once per step: "can we append?"."""
+
+    def __init__(self) -> None:
+        self._layers: dict[int, _LayerStage] = {}
+        # The decode batch of the previous step: block tables and context lengths.
+        self._prev_tables: torch.Tensor | None = None
+        self._prev_lens: list[int] = []
+        # The metadata object this step's decision was made for (a weak reference: ids of
+        # freed objects get reused, a dead weakref never matches), and the decision.
+        self._meta_ref: weakref.ref | None = None
+        self._append = False
+        self._capacity = 0
+
+    def keys_values(
+        self,
+        k_new: torch.Tensor,  # (B, H_kv, D): this step's decode keys
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,  # (num_blocks, bs, H_kv, D)
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,  # (B, nb) int32
+        lens: list[int],
+        lens_tensor: torch.Tensor,
+        meta: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, H_kv, L, D) keys and values of the decode batch, or None to gather instead.
+
+        ``meta`` is the step's AttentionMetadata: every layer of one step passes the same
+        object, so the append-or-rebuild decision is made once per step.
+        """
+        if self._meta_ref is None or self._meta_ref() is not meta:
+            self._begin_step(tables, lens, k_cache)
+            self._meta_ref = weakref.ref(meta)
+        if self._capacity == 0:
+            return None
+        layer = k_cache.data_ptr()
+        stage = self._layers.get(layer)
+        max_len = max(lens)
+        if self._append and stage is not None:
+            b = torch.arange(len(lens), device=k_new.device)
+            pos = (lens_tensor - 1).long()
+            stage.k[b, :, pos] = k_new  # one token per row
+            stage.v[b, :, pos] = v_new
+        else:
+            stage = self._rebuild(k_cache, v_cache, tables, max_len)
+            self._layers[layer] = stage
+        return stage.k[:, :, :max_len], stage.v[:, :, :max_len]
+
+    def _begin_step(self, tables: torch.Tensor, lens: list[int], k_cache: torch.Tensor) -> None:
+        prev, prev_lens = self._prev_tables, self._prev_lens
+        same_batch = (
+            prev is not None
+            and len(lens) == len(prev_lens)
+            and all(n == p + 1 for n, p in zip(lens, prev_lens))
+            and max(lens) <= self._capacity
+            and tables.shape[1] >= prev.shape[1]
+            and torch.equal(tables[:, : prev.shape[1]], prev)
+        )
+        self._append = same_batch
+        if not same_batch:
+            _, _, h_kv, d = k_cache.shape
+            cap = max(lens) + HEADROOM
+            per_layer = 2 * len(lens) * h_kv * cap * d * k_cache.element_size()
+            self._capacity = cap if per_layer <= MAX_STAGING_BYTES_PER_LAYER else 0
+            self._layers.clear()
+        self._prev_tables = tables.clone()
+        self._prev_lens = list(lens)
+
+    def _rebuild(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, max_len: int
+    ) -> _LayerStage:
+        num_blocks, bs, h_kv, d = k_cache.shape
+        b = tables.shape[0]
+        nb = -(-max_len // bs)
+        ids = tables[:, :nb].reshape(-1).long()
+        out = []
+        for cache in (k_cache, v_cache):
+            buf = torch.zeros((b, h_kv, self._capacity, d), dtype=cache.dtype, device=cache.device)
+            rows = cache.view(num_blocks, -1).index_select(0, ids).view(b, nb * bs, h_kv, d)
+            buf[:, :, :max_len] = rows[:, :max_len].transpose(1, 2)
+            out.append(buf)
+        return _LayerStage(out[0], out[1])
