@@ -45,6 +45,8 @@ class DecodeStaging:
         self._meta_ref: weakref.ref | None = None
         self._append = False
         self._capacity = 0
+        # Steps that had to re-gather instead of appending (observability and tests).
+        self.num_rebuilds = 0
 
     def keys_values(
         self,
@@ -81,17 +83,9 @@ class DecodeStaging:
         return stage.k[:, :, :max_len], stage.v[:, :, :max_len]
 
     def _begin_step(self, tables: torch.Tensor, lens: list[int], k_cache: torch.Tensor) -> None:
-        prev, prev_lens = self._prev_tables, self._prev_lens
-        same_batch = (
-            prev is not None
-            and len(lens) == len(prev_lens)
-            and all(n == p + 1 for n, p in zip(lens, prev_lens))
-            and max(lens) <= self._capacity
-            and tables.shape[1] >= prev.shape[1]
-            and torch.equal(tables[:, : prev.shape[1]], prev)
-        )
-        self._append = same_batch
-        if not same_batch:
+        self._append = self._same_batch_grown_by_one(tables, lens, k_cache.shape[1])
+        if not self._append:
+            self.num_rebuilds += 1
             _, _, h_kv, d = k_cache.shape
             cap = max(lens) + HEADROOM
             per_layer = 2 * len(lens) * h_kv * cap * d * k_cache.element_size()
@@ -99,6 +93,20 @@ class DecodeStaging:
             self._layers.clear()
         self._prev_tables = tables.clone()
         self._prev_lens = list(lens)
+
+    def _same_batch_grown_by_one(self, tables: torch.Tensor, lens: list[int], block_size: int) -> bool:
+        """True when every row is last step's row plus one token, over the same blocks."""
+        prev, prev_lens = self._prev_tables, self._prev_lens
+        if prev is None or len(lens) != len(prev_lens) or max(lens) > self._capacity:
+            return False
+        if any(n != p + 1 for n, p in zip(lens, prev_lens)) or tables.shape[1] < prev.shape[1]:
+            return False
+        # Compare only the blocks each row actually used last step: a padding 0 that has
+        # since become a real block (the row crossed a block boundary) is not a change.
+        width = prev.shape[1]
+        used = torch.tensor([-(-p // block_size) for p in prev_lens], device=prev.device)
+        valid = torch.arange(width, device=prev.device)[None, :] < used[:, None]  # (B, nb)
+        return bool(((tables[:, :width] == prev) | ~valid).all())
 
     def _rebuild(
         self, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, max_len: int
@@ -109,8 +117,11 @@ class DecodeStaging:
         ids = tables[:, :nb].reshape(-1).long()
         out = []
         for cache in (k_cache, v_cache):
-            buf = torch.zeros((b, h_kv, self._capacity, d), dtype=cache.dtype, device=cache.device)
+            buf = torch.empty((b, h_kv, self._capacity, d), dtype=cache.dtype, device=cache.device)
             rows = cache.view(num_blocks, -1).index_select(0, ids).view(b, nb * bs, h_kv, d)
             buf[:, :, :max_len] = rows[:, :max_len].transpose(1, 2)
+            # The headroom must be finite: a short row's padding there is masked, but a
+            # masked NaN still poisons softmax @ V (0 * NaN = NaN).
+            buf[:, :, max_len:].zero_()
             out.append(buf)
         return _LayerStage(out[0], out[1])
