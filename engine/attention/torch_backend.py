@@ -110,19 +110,20 @@ class TorchAttentionBackend(AttentionBackend):
             tables = meta.decode_block_tables[:, : (max_len + bs - 1) // bs]  # (B, nb)
             keys = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)  # (B, H_kv, L, D)
             vals = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
-        mask = None
+        h_kv = keys.shape[1]
+        g = h // h_kv
+        # Decode attention as two batched matmuls per KV head group: (B, H_kv, G, D) queries
+        # against (B, H_kv, L, D) keys. SDPA's GQA path expands K/V to H heads first, which
+        # on CPU costs more than the attention itself (memory-bound: ~25% slower here).
+        qg = q.view(b, h_kv, g, -1)  # (B, H_kv, G, D); head i uses KV head i // G, as in HF
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # (B, H_kv, G, L)
         if min(lens) != max_len:  # ragged batch: hide each row's padding
             pos = torch.arange(max_len, device=q.device)
-            mask = (pos[None, :] < meta.decode_context_lens[:, None].to(q.device))[:, None, None, :]  # (B,1,1,L)
-        out = F.scaled_dot_product_attention(
-            q.view(b, h, 1, -1),  # (B, H, 1, D)
-            keys,
-            vals,
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=h != keys.shape[1],
-        )  # (B, H, 1, D)
-        return out.view(b, h, -1)
+            pad = pos[None, :] >= meta.decode_context_lens[:, None].to(q.device)  # (B, L)
+            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
+        out = torch.matmul(probs, vals)  # (B, H_kv, G, D)
+        return out.reshape(b, h, -1)
 
 
 def _causal_sdpa(
