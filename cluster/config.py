@@ -11,6 +11,8 @@ pools fit in a Ray cluster started with 4 logical CPUs, and one torch thread per
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +202,9 @@ class ServeConfig(_Strict):
             "device": "cuda" if pool.num_gpus > 0 else "cpu",
             "attention_backend": self.model.attention_backend,
             "num_threads": pool.torch_threads,
+            # Wall clock, not monotonic: block expiries travel in KV events to the directory
+            # actor, which compares them with its own time.time() (other process, other node).
+            "clock": time.time,
         }
 
     def to_yaml(self) -> str:

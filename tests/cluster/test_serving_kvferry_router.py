@@ -68,3 +68,16 @@ def test_conversation_sticks_to_the_replica_holding_its_prefix(routed_server: st
     # Every later turn returns to the first turn's replica and reuses its cached prefix.
     assert len(set(decode_replicas)) == 1, decode_replicas
     assert all(c > 0 for c in cached[1:]), cached
+    # The decode pool's directory holds the conversation's blocks on that replica, unexpired
+    # after a sweep: replicas stamp expiry with the directory's wall clock.
+    import ray
+
+    from router.directory_actor import get_or_create_directory
+
+    time.sleep(1.5)  # at least one sweep of the directory's 1 s loop
+    directory = get_or_create_directory("decode")
+    snaps = {s.replica_id: s for s in ray.get(directory.snapshot.remote())}
+    assert decode_replicas[0] in snaps, sorted(snaps)
+    now = time.time()
+    blocks = snaps[decode_replicas[0]].blocks
+    assert blocks and all(now < expires_at <= now + 301 for _, _, _, expires_at in blocks)
