@@ -112,6 +112,31 @@ def check_inner_contiguous(name: str, arg: str, t: torch.Tensor, num_dims: int) 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_paged_layout_and_out(
+    name: str,
+    q: torch.Tensor,  # (N, H, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, H_kv, D)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (B, max_blocks)
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Checks shared by the paged attention kernels; returns ``out`` (allocated if None)."""
+    h, h_kv = q.shape[1], k_cache.shape[2]
+    if h % h_kv:
+        raise ValueError(f"{name}: {h} query heads is not a multiple of {h_kv} KV heads")
+    check_inner_contiguous(name, "q", q, 1)
+    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError(f"{name}: k_cache and v_cache must be contiguous")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"{name}: block_tables must be contiguous along its last dim")
+    if out is None:
+        return torch.empty_like(q)
+    check_shape(name, "out", out, tuple(q.shape))
+    check_dtype(name, "out", out, (q.dtype,))
+    check_inner_contiguous(name, "out", out, 1)
+    return out
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``n`` (Triton block shapes must be powers of two)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

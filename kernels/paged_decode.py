@@ -21,8 +21,8 @@ import triton.language as tl
 
 from kernels.launch import (
     FLOAT_DTYPES,
+    check_paged_layout_and_out,
     check_dtype,
-    check_inner_contiguous,
     check_launchable,
     check_shape,
     lazy_jit,
@@ -218,19 +218,7 @@ def paged_decode(
     check_dtype(name, "v_cache", v_cache, (q.dtype,))
     check_dtype(name, "block_tables", block_tables, (torch.int32,))
     check_dtype(name, "context_lens", context_lens, (torch.int32,))
-    if h % h_kv:
-        raise ValueError(f"{name}: {h} query heads is not a multiple of {h_kv} KV heads")
-    check_inner_contiguous(name, "q", q, 1)
-    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError(f"{name}: k_cache and v_cache must be contiguous")
-    if block_tables.stride(1) != 1:
-        raise ValueError(f"{name}: block_tables must be contiguous along its last dim")
-    if out is None:
-        out = torch.empty_like(q)
-    else:
-        check_shape(name, "out", out, (batch, h, d))
-        check_dtype(name, "out", out, (q.dtype,))
-        check_inner_contiguous(name, "out", out, 1)
+    out = check_paged_layout_and_out(name, q, k_cache, v_cache, block_tables, out)
     if batch == 0:
         return out
 
