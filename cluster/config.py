@@ -88,6 +88,14 @@ class CacheConfig(_Strict):
     export_lease_timeout_s: float = Field(
         30.0, gt=0, description="Prefill replicas free exported blocks the decode side never released."
     )
+    tenant_isolation: Literal["api_key", "none"] = Field(
+        "api_key",
+        description=(
+            "api_key: cached blocks are salted with a hash of the request's API key, so tenants "
+            "never hit (or time) each other's prompt cache; requests without a key share one "
+            "anonymous tenant. none: every request shares one cache."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ttl_order(self) -> CacheConfig:

@@ -44,6 +44,7 @@ from cluster.protocol import (
     sampling_kwargs,
 )
 from cluster.routing import IngressTokenizer, routing_hints
+from cluster.tenancy import api_key_from_headers, cache_salt
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ class Ingress:
         rid = request.state.request_id
         payload.update(request_id=rid, params=sampling_kwargs(body, default_max_tokens=0))
         payload["params"]["max_tokens"] = body.requested_max_tokens()  # None: the replica decides
+        salt = cache_salt(
+            api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")),
+            self.cfg.cache.tenant_isolation,
+        )
+        payload["params"]["cache_salt"] = salt
         if body.prompt_cache_key is not None:
             payload["prompt_cache_key"] = body.prompt_cache_key
         hints = None
@@ -128,7 +134,7 @@ class Ingress:
             except ValueError as e:
                 raise KvferryError(400, str(e), param="messages" if chat else "prompt") from e
             info = await self._model_info()
-            hints = routing_hints(ids, info["block_size"], info["model_id"])
+            hints = routing_hints(ids, info["block_size"], info["model_id"], salt)
             payload["prompt_token_ids"] = ids
         try:
             gen = self.decode.options(stream=True).generate.remote(payload, hints=hints)

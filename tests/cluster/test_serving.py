@@ -115,6 +115,16 @@ def test_chat_greedy_matches_single_engine_and_names_both_replicas(client, model
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     assert again.choices[0].message.content == resp.choices[0].message.content
 
+    # Another API key is another tenant: no hit on this tenant's cache, same answer.
+    from openai import OpenAI
+
+    other = OpenAI(base_url=str(client.base_url), api_key="another-tenant", max_retries=0, timeout=120)
+    theirs = other.chat.completions.create(
+        model=model_name, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert theirs.usage.prompt_tokens_details.cached_tokens == 0
+    assert theirs.choices[0].message.content == resp.choices[0].message.content
+
 
 def test_streamed_chat_and_completions(client, model_name, reference_engine) -> None:
     from engine import SamplingParams
