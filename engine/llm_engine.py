@@ -21,7 +21,8 @@ from engine.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from engine.detokenizer import StopChecker
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_events import CacheSnapshot, KVEventBatch
-from engine.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
+from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.models import resolve_dtype
 from engine.outputs import EngineStats, KVExport, RemotePrefillPlan, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams

@@ -16,17 +16,6 @@ from engine.forward_context import ForwardContext
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
