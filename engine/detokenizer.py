@@ -1,9 +1,12 @@
 """Incremental detokenization with stop strings.
 
-Text is re-decoded from the output ids each step (cheap for chat-length outputs and
-always correct across multi-byte characters); what is handed out lags behind by the
-longest stop string minus one character, and by any trailing incomplete UTF-8 sequence
-(decoded as U+FFFD), so a client never sees text that is later retracted.
+Each step decodes only a short window of ids (vLLM's scheme): the text of
+``ids[prefix:read]`` is known, so the text of ``ids[prefix:]`` minus it is the new text.
+The window starts a few tokens back so tokenizers that render a token differently at
+the start of a string (leading-space markers) still see its left context. Work per step
+is constant, not proportional to the output length. What is handed out lags behind by
+the longest stop string minus one character, and by any trailing incomplete UTF-8
+sequence (decoded as U+FFFD), so a client never sees text that is later retracted.
 """
 
 from __future__ import annotations
@@ -20,13 +23,28 @@ class StopChecker:
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.emitted = 0
+        # Window offsets into the ids: text of ids[:read] is in self.text, and
+        # ids[prefix:read] is the left context decoded again with each new token.
+        self._prefix = 0
+        self._read = 0
+        # Ids seen by the last update (some may still wait in the window), and whether a
+        # stop string already cut the text (nothing after it may be added then).
+        self._ids: list[int] = []
+        self._cut = False
 
     def update(self, token_ids: list[int]) -> bool:
-        """Re-decode ``token_ids``; return True when a stop string appeared (text is cut before it)."""
-        if self.tokenizer is None:
+        """Take the output ids so far; return True when a stop string appeared (text is cut before it)."""
+        if self.tokenizer is None or len(token_ids) <= self._read:
             return False
+        self._ids = token_ids
         old_len = len(self.text)
-        self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        decode = self.tokenizer.decode
+        known = decode(token_ids[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(token_ids[self._prefix :], skip_special_tokens=True)
+        if window.endswith("\ufffd"):
+            return False  # an incomplete character: wait for the token(s) that finish it
+        self.text += window[len(known) :]
+        self._prefix, self._read = self._read, len(token_ids)
         if not self.stop:
             return False
         # Only the tail can hold a new match: a stop string may straddle old and new text.
@@ -39,7 +57,18 @@ class StopChecker:
         if cut == -1:
             return False
         self.text = self.text[:cut]
+        self._cut = True
         return True
+
+    def flush(self) -> None:
+        """At the end of generation, add whatever still waits for a character's last byte
+        (rendered as U+FFFD, exactly as a full decode of the ids would)."""
+        if self.tokenizer is None or self._cut or len(self._ids) <= self._read:
+            return
+        decode = self.tokenizer.decode
+        known = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        self.text += decode(self._ids[self._prefix :], skip_special_tokens=True)[len(known) :]
+        self._prefix = self._read = len(self._ids)
 
     def delta(self, finished: bool) -> str:
         """Text not handed out yet that can no longer change."""

@@ -351,6 +351,8 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         checker = self._checkers[req.request_id]
         finished = req.status.finished
+        if finished:
+            checker.flush()
         new_text = checker.delta(finished)
         new_ids = req.output_token_ids[req.num_emitted_tokens :]
         req.num_emitted_tokens = req.num_output_tokens
