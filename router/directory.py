@@ -10,6 +10,7 @@ Memory layout (1M resident blocks must stay well under 256 bytes each):
 * ``_table`` maps a block hash to one *packed int* per holder:
   ``expiry_ms << 18 | tier << 16 | replica_idx``; with several holders the value is a
   tuple of packed ints. No per-entry objects besides the (shared) hash key and one int.
+  The record helpers live in ``router.directory_records``.
 * Expiry order lives in ``_buckets``: exact ``expiry_ms`` -> (list of hashes, array of
   replica indexes), plus a min-heap of bucket keys. Touches re-file an entry lazily: the
   old bucket slot becomes stale and is skipped when swept (a slot is live only if the
@@ -39,24 +40,18 @@ from engine.kv_events import (
     KVEventBatch,
     Tier,
 )
-
-_REP_BITS = 16
-_TIER_SHIFT = 16
-_EXP_SHIFT = 18
-_REP_MASK = (1 << _REP_BITS) - 1
-_LOW_MASK = (1 << _EXP_SHIFT) - 1
-# "Never expires" (pinned caches, +inf): ~8,900 years in ms, still a small int.
-NEVER_MS = (1 << 48) - 1
-MAX_REPLICAS = 1 << _REP_BITS
-
-
-def to_ms(t: float) -> int:
-    """Seconds (engine clock) to the integer milliseconds the table stores."""
-    if math.isnan(t):
-        raise ValueError("expiry time is NaN")
-    if t >= NEVER_MS / 1000.0:
-        return NEVER_MS
-    return max(0, int(t * 1000.0))
+from router.directory_records import (
+    EXP_SHIFT,
+    LOW_MASK,
+    MAX_REPLICAS,
+    NEVER_MS,
+    REP_MASK,
+    TIER_SHIFT,
+    find_record,
+    put_record,
+    remove_record,
+    to_ms,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +177,8 @@ class KVDirectory:
         # replica idx -> [num_blocks, device, host, disk] for chains still unbroken.
         alive: dict[int, list[int]] = {}
         for p in (prev,) if type(prev) is int else prev:
-            if (p >> _EXP_SHIFT) > now_ms:
-                alive[p & _REP_MASK] = [0, 0, 0, 0]
+            if (p >> EXP_SHIFT) > now_ms:
+                alive[p & REP_MASK] = [0, 0, 0, 0]
         done: dict[int, list[int]] = {}
         # Blocks stored (or touched) together carry the very same record, so a prompt is
         # a few runs of equal records: compare with the previous one and count the run;
@@ -202,11 +197,11 @@ class KVDirectory:
                 break
             still: dict[int, list[int]] = {}
             for p in (rec,) if type(rec) is int else rec:
-                counts = alive.pop(p & _REP_MASK, None)
-                if counts is not None and (p >> _EXP_SHIFT) > now_ms:
-                    still[p & _REP_MASK] = counts
+                counts = alive.pop(p & REP_MASK, None)
+                if counts is not None and (p >> EXP_SHIFT) > now_ms:
+                    still[p & REP_MASK] = counts
                 elif counts is not None:
-                    done[p & _REP_MASK] = counts
+                    done[p & REP_MASK] = counts
             done.update(alive)
             alive = still
             prev = rec
@@ -271,9 +266,9 @@ class KVDirectory:
                     break
                 h, rep = hashes[i], reps[i]
                 i += 1
-                p = self._find(h, rep)
+                p = find_record(self._table, h, rep)
                 # Stale slot (touched since, moved to another bucket, or removed).
-                if p is None or (p >> _EXP_SHIFT) != exp:
+                if p is None or (p >> EXP_SHIFT) != exp:
                     continue
                 self._remove(rep, h)
                 self._num_expired += 1
@@ -313,9 +308,9 @@ class KVDirectory:
         }
         for h, rec in self._table.items():
             for p in (rec,) if type(rec) is int else rec:
-                exp = p >> _EXP_SHIFT
+                exp = p >> EXP_SHIFT
                 exp_s = math.inf if exp == NEVER_MS else exp / 1000.0
-                per_rep[p & _REP_MASK].append((h, None, Tier((p >> _TIER_SHIFT) & 3), exp_s))
+                per_rep[p & REP_MASK].append((h, None, Tier((p >> TIER_SHIFT) & 3), exp_s))
         out = []
         for rid, state in sorted(self._replicas.items()):
             idx = self._rep_idx.get(rid)
@@ -353,10 +348,10 @@ class KVDirectory:
     def _credit(alive: dict[int, list[int]], rec: int | tuple[int, ...], run: int) -> None:
         """Add a run of ``run`` equal records to the counts of the replicas in ``alive``."""
         for p in (rec,) if type(rec) is int else rec:
-            counts = alive.get(p & _REP_MASK)
+            counts = alive.get(p & REP_MASK)
             if counts is not None:
                 counts[0] += run
-                counts[1 + ((p >> _TIER_SHIFT) & 3)] += run
+                counts[1 + ((p >> TIER_SHIFT) & 3)] += run
 
     def _intern(self, replica_id: str) -> int:
         idx = self._rep_idx.get(replica_id)
@@ -381,43 +376,12 @@ class KVDirectory:
         bucket[0].append(h)
         bucket[1].append(rep)
 
-    def _find(self, h: BlockHash, rep: int) -> int | None:
-        rec = self._table.get(h)
-        if rec is None:
-            return None
-        if type(rec) is int:
-            return rec if (rec & _REP_MASK) == rep else None
-        for p in rec:
-            if (p & _REP_MASK) == rep:
-                return p
-        return None
-
-    def _put(self, h: BlockHash, rep: int, packed: int) -> bool:
-        """Set the (h, rep) record; return True if it is a new entry."""
-        table = self._table
-        rec = table.get(h)
-        if rec is None:
-            table[h] = packed
-            return True
-        if type(rec) is int:
-            if (rec & _REP_MASK) == rep:
-                table[h] = packed
-                return False
-            table[h] = (rec, packed)
-            return True
-        for i, p in enumerate(rec):
-            if (p & _REP_MASK) == rep:
-                table[h] = rec[:i] + (packed,) + rec[i + 1 :]
-                return False
-        table[h] = rec + (packed,)
-        return True
-
     def _store(self, rep: int, hashes: Sequence[BlockHash], tier: int, exp_ms: int) -> None:
-        low = (tier << _TIER_SHIFT) | rep
-        packed = (exp_ms << _EXP_SHIFT) | low
+        low = (tier << TIER_SHIFT) | rep
+        packed = (exp_ms << EXP_SHIFT) | low
         new = 0
         for h in hashes:
-            if self._put(h, rep, packed):
+            if put_record(self._table, h, rep, packed):
                 new += 1
             self._file(h, rep, exp_ms)
         self._num_entries += new
@@ -427,33 +391,22 @@ class KVDirectory:
 
     def _touch(self, rep: int, hashes: Sequence[BlockHash], exp_ms: int) -> None:
         for h in hashes:
-            p = self._find(h, rep)
+            p = find_record(self._table, h, rep)
             if p is None:
                 continue  # touch of a block we never saw (we missed it; a gap says so)
-            self._put(h, rep, (exp_ms << _EXP_SHIFT) | (p & _LOW_MASK))
+            put_record(self._table, h, rep, (exp_ms << EXP_SHIFT) | (p & LOW_MASK))
             self._file(h, rep, exp_ms)
 
     def _move(self, rep: int, hashes: Sequence[BlockHash], tier: int) -> None:
         for h in hashes:
-            p = self._find(h, rep)
+            p = find_record(self._table, h, rep)
             if p is None:
                 continue
-            self._put(h, rep, (p & ~(3 << _TIER_SHIFT)) | (tier << _TIER_SHIFT))
+            put_record(self._table, h, rep, (p & ~(3 << TIER_SHIFT)) | (tier << TIER_SHIFT))
 
     def _remove(self, rep: int, h: BlockHash) -> bool:
-        table = self._table
-        rec = table.get(h)
-        if rec is None:
+        if not remove_record(self._table, h, rep):
             return False
-        if type(rec) is int:
-            if (rec & _REP_MASK) != rep:
-                return False
-            del table[h]
-        else:
-            rest = tuple(p for p in rec if (p & _REP_MASK) != rep)
-            if len(rest) == len(rec):
-                return False
-            table[h] = rest[0] if len(rest) == 1 else rest
         self._num_entries -= 1
         rid = self._rep_ids[rep]
         if rid is not None and rid in self._replicas:
@@ -465,9 +418,9 @@ class KVDirectory:
         victims = []
         for h, rec in table.items():
             if type(rec) is int:
-                if (rec & _REP_MASK) == rep:
+                if (rec & REP_MASK) == rep:
                     victims.append(h)
-            elif any((p & _REP_MASK) == rep for p in rec):
+            elif any((p & REP_MASK) == rep for p in rec):
                 victims.append(h)
         for h in victims:
             self._remove(rep, h)
