@@ -151,7 +151,7 @@ def bench_memory_and_lookup(rng: random.Random, num_probes: int = 2000) -> dict[
     return out
 
 
-def main(as_json: bool = False, out_path: str | None = "router_bench.json") -> dict[str, float]:
+def main(as_json: bool = False, out_path: str | None = "results/router_bench.json") -> dict[str, float]:
     """Run every benchmark; print a table (or JSON) and write the JSON file."""
     rng = random.Random(0)
     res = {"ingest_events_per_s": bench_ingest(rng)}
@@ -159,6 +159,7 @@ def main(as_json: bool = False, out_path: str | None = "router_bench.json") -> d
     res["bytes_per_entry_vs_naive"] = res["naive_bytes_per_entry"] / res["bytes_per_entry"]
     res["lookup_p50_vs_naive"] = res["naive_lookup_p50_us"] / res["lookup_p50_us"]
     if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(res, indent=2))
     if as_json:
         print(json.dumps(res, indent=2))
@@ -173,6 +174,6 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--out", default="router_bench.json", help="where to write the JSON results")
+    ap.add_argument("--out", default="results/router_bench.json", help="where to write the JSON results")
     a = ap.parse_args()
     main(a.json, a.out)
