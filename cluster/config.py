@@ -68,7 +68,16 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Weights and KV dtype."
     )
-    attention_backend: str = Field("torch", description='Attention backend name ("torch", "triton").')
+    attention_backend: Literal["torch", "triton", "flash_attn"] = Field(
+        "torch", description='Attention backend: "torch" (SDPA; CPU), "triton" (GPU) or "flash_attn" (GPU, optional package).'
+    )
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused Triton residual+RMSNorm and rotary kernels (auto: on CUDA when triton imports)."
+    )
+    prefill_attention: Literal["auto", "triton", "sdpa"] = Field(
+        "auto", description='Prefill path of the "triton" backend: the varlen paged kernel or torch SDPA.'
+    )
+    enforce_eager: bool = Field(False, description="Never capture CUDA graphs for decode steps.")
     max_model_len: int | None = Field(None, ge=1, description="Context limit; None = the model's own.")
     default_max_tokens: int = Field(
         256, ge=1, description="Tokens generated when a request sets no max_tokens (capped by the context)."
@@ -209,6 +218,9 @@ class ServeConfig(_Strict):
             "dtype": self.model.dtype,
             "device": "cuda" if pool.num_gpus > 0 else "cpu",
             "attention_backend": self.model.attention_backend,
+            "fused_kernels": self.model.fused_kernels,
+            "prefill_attention": self.model.prefill_attention,
+            "enforce_eager": self.model.enforce_eager,
             "num_threads": pool.torch_threads,
             # Wall clock, not monotonic: block expiries travel in KV events to the directory
             # actor, which compares them with its own time.time() (other process, other node).

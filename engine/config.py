@@ -53,6 +53,13 @@ class EngineConfig:
     enforce_eager: bool = False
     # Largest decode batch captured as a CUDA graph (also capped by max_num_seqs and 256).
     cuda_graph_max_batch: int = 64
+    # Fused Triton kernels for residual-add + RMSNorm and rotary embedding: "auto" uses
+    # them on CUDA when triton imports, "on" demands them (CPU: only under
+    # TRITON_INTERPRET=1), "off" keeps the torch ops.
+    fused_kernels: str = "auto"
+    # Prefill attention of the "triton" backend: "triton" (the varlen paged kernel), "sdpa"
+    # (torch SDPA for chunks with no cached prefix, the kernel for the rest) or "auto".
+    prefill_attention: str = "auto"
     # torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None
     # Where GGUF files are converted to; None = ~/.cache/kvferry (or $KVFERRY_CACHE_DIR).
@@ -71,5 +78,9 @@ class EngineConfig:
             raise ValueError("need 0 < default_ttl_s <= max_ttl_s")
         if self.cuda_graph_max_batch < 1:
             raise ValueError(f"cuda_graph_max_batch must be positive, got {self.cuda_graph_max_batch}")
+        if self.fused_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"fused_kernels must be auto, on or off, got {self.fused_kernels!r}")
+        if self.prefill_attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"prefill_attention must be auto, triton or sdpa, got {self.prefill_attention!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be at least 2")

@@ -148,6 +148,8 @@ class DecodeGraphRunner:
         block_size: int,
         max_model_len: int,
         batch_sizes: Sequence[int],
+        *,
+        fused_kernels: bool = False,
     ) -> None:
         from engine.attention.triton_backend import TritonAttentionBackend  # noqa: PLC0415 - needs triton
 
@@ -164,6 +166,7 @@ class DecodeGraphRunner:
         self.max_batch_size = self.batch_sizes[-1]
         # Fixed decode grid: the split count then depends only on the batch size.
         self.backend = TritonAttentionBackend(graph_max_context_len=max_model_len)
+        self.fused_kernels = fused_kernels
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Each graph's output hidden states (B_pad, hidden), overwritten by every replay.
         self.outputs: dict[int, torch.Tensor] = {}
@@ -263,7 +266,8 @@ class DecodeGraphRunner:
             block_size=self.block_size,
         )
         ctx = ForwardContext(
-            kv_cache=self.kv_cache, attn_metadata=meta, backend=self.backend, logits_indices=self._no_logits
+            kv_cache=self.kv_cache, attn_metadata=meta, backend=self.backend, logits_indices=self._no_logits,
+            fused_kernels=self.fused_kernels,
         )
         return self.model(self.input_ids[:size], self.positions[:size], ctx)
 

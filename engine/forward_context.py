@@ -25,3 +25,6 @@ class ForwardContext:
     backend: AttentionBackend
     # (N,) int64: indices (into the flat batch) of the tokens whose logits are needed.
     logits_indices: torch.Tensor
+    # Use the fused Triton residual+RMSNorm and rotary kernels (``kernels/``) instead of
+    # the torch ops; resolved once per engine by ``ModelRunner``.
+    fused_kernels: bool = False

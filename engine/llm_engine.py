@@ -78,6 +78,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             cuda_graph_max_batch=config.cuda_graph_max_batch,
+            fused_kernels=config.fused_kernels,
+            prefill_attention=config.prefill_attention,
         )
         self._requests: dict[str, Request] = {}
         self._checkers: dict[str, StopChecker] = {}

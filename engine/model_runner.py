@@ -20,6 +20,28 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
     return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def resolve_fused_kernels(setting: str, device: torch.device) -> bool:
+    """``EngineConfig.fused_kernels`` -> whether this engine launches the fused kernels.
+
+    "auto" means CUDA with triton installed: on CPU the Triton kernels only run in the
+    (slow) interpreter, so the torch ops are the right choice there.
+    """
+    from kernels.launch import can_launch, triton_available  # noqa: PLC0415 - imports triton lazily
+
+    if setting == "off":
+        return False
+    if setting == "auto":
+        return device.type == "cuda" and triton_available()
+    if setting == "on":
+        if not can_launch(device):
+            raise ValueError(
+                f"fused_kernels='on' needs triton and a CUDA device (got {device}); on CPU set "
+                "TRITON_INTERPRET=1 (tests) or use fused_kernels='off'"
+            )
+        return True
+    raise ValueError(f"fused_kernels must be auto, on or off, got {setting!r}")
+
+
 class ModelRunner:
     """Executes one scheduler step on the model and returns the sampled tokens."""
 
@@ -39,11 +61,14 @@ class ModelRunner:
         max_num_seqs: int = 1,
         enforce_eager: bool = True,
         cuda_graph_max_batch: int = 64,
+        fused_kernels: str = "off",
+        prefill_attention: str = "auto",
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.backend = get_attention_backend(attention_backend)
+        self.backend = get_attention_backend(attention_backend, prefill_attention=prefill_attention)
+        self.fused_kernels = resolve_fused_kernels(fused_kernels, device)
         # (L, 2, num_blocks, block_size, H_kv, D): zeros so unused slots are finite.
         self.kv_cache = torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
@@ -54,7 +79,9 @@ class ModelRunner:
         self.graph_runner: DecodeGraphRunner | None = None
         if use_cuda_graphs(device, attention_backend, enforce_eager) and max_model_len > 0:
             sizes = graph_batch_sizes(max_num_seqs, cuda_graph_max_batch)
-            self.graph_runner = DecodeGraphRunner(model, self.kv_cache, block_size, max_model_len, sizes)
+            self.graph_runner = DecodeGraphRunner(
+                model, self.kv_cache, block_size, max_model_len, sizes, fused_kernels=self.fused_kernels
+            )
             self.graph_runner.capture()
 
     @torch.inference_mode()
@@ -83,7 +110,8 @@ class ModelRunner:
         else:
             meta = self._metadata(out, slots)
             ctx = ForwardContext(
-                kv_cache=self.kv_cache, attn_metadata=meta, backend=self.backend, logits_indices=logits_idx
+                kv_cache=self.kv_cache, attn_metadata=meta, backend=self.backend, logits_indices=logits_idx,
+                fused_kernels=self.fused_kernels,
             )
             ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)

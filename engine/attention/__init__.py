@@ -7,8 +7,12 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 __all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """Return the backend called ``name`` (``torch``, ``triton`` or ``flash_attn``)."""
+def get_attention_backend(name: str, *, prefill_attention: str = "auto") -> AttentionBackend:
+    """Return the backend called ``name`` (``torch``, ``triton`` or ``flash_attn``).
+
+    ``prefill_attention`` ("auto", "triton", "sdpa") picks the triton backend's prefill
+    path; the other backends have a single prefill path and ignore it.
+    """
     if name == "torch":
         from engine.attention.torch_backend import TorchAttentionBackend
 
@@ -16,7 +20,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
     if name == "triton":
         from engine.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(prefill_attention=prefill_attention)
     if name == "flash_attn":
         from engine.attention.flash_attn_backend import FlashAttnBackend
 

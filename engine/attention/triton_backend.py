@@ -23,12 +23,15 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, graph_max_context_len: int | None = None) -> None:
+    def __init__(self, graph_max_context_len: int | None = None, prefill_attention: str = "auto") -> None:
         # For CUDA-graph capture the decode grid must not depend on the step's data: with
         # this set (to max_model_len) the split count depends only on the batch size, and
         # padded decode slots (slot -1, context length 1) are harmless. None sizes the grid
         # from each step's longest context, which is cheaper without graphs.
         self.graph_max_context_len = graph_max_context_len
+        if prefill_attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"prefill_attention must be auto, triton or sdpa, got {prefill_attention!r}")
+        self.prefill_attention = prefill_attention
 
     def forward(
         self,
