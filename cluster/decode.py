@@ -226,7 +226,7 @@ class DecodeServer:
             recv_tid = tid + (1 << 29) if drop else tid
             buf = await run_blocking(
                 self.transport.recv, resp["group_id"], recv_tid, shape, dtype_from_str(resp["dtype"]),
-                self.cfg.transport.transfer_timeout_s,
+                self.cfg.transport.transfer_timeout_s, resp.get("backend") or None,
             )
             cached = max(plan.num_local_cached_tokens, int(resp["num_cached_tokens"]))
             first = int(resp["first_token_id"])

@@ -59,8 +59,9 @@ class PrefillServer:
         ``req``: ``request_id``, ``prompt_token_ids``, ``params`` (SamplingParams kwargs),
         ``first_block_index``, ``endpoint`` (TransportEndpoint fields) and ``transfer_id``.
         Returns ``first_token_id``, ``num_cached_tokens``, ``group_id``, ``shape``,
-        ``dtype`` and ``replica_id`` — or ``error`` with a message. ``hints`` (routing
-        hints) are read by the pool's RequestRouter, not here.
+        ``dtype``, ``backend`` (the transport that carries the KV) and ``replica_id`` — or
+        ``error`` with a message. ``hints`` (routing hints) are read by the pool's
+        RequestRouter, not here.
         """
         from engine import SamplingParams
 
@@ -100,6 +101,7 @@ class PrefillServer:
             "group_id": handle.result.group_id,
             "shape": list(handle.result.shape),
             "dtype": handle.result.dtype,
+            "backend": handle.result.backend,
             "replica_id": self.replica_id,
         }
 

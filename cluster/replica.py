@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from cluster.config import ServeConfig
-from cluster.transport import KVTransport, make_transport, select_backend
+from cluster.transport import AutoTransport, make_auto_transport
 
 T = TypeVar("T")
 
@@ -36,10 +36,9 @@ def limit_threads(num_threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(num_threads)
 
 
-def build_transport(cfg: ServeConfig, role: str, rid: str) -> KVTransport:
-    """The KV transport of a replica, backend chosen from the config and the device."""
+def build_transport(cfg: ServeConfig, role: str, rid: str) -> AutoTransport:
+    """The KV transport of a replica: backends from the config and the device, chosen per peer."""
     device = "cuda" if cfg.pool(role).num_gpus > 0 else "cpu"
-    backend = select_backend(cfg.transport.backend, device)
     host = cfg.transport.host
     if host == "auto":
         # Peers on other nodes must reach this replica's store: advertise the node's IP.
@@ -49,8 +48,8 @@ def build_transport(cfg: ServeConfig, role: str, rid: str) -> KVTransport:
             host = ray.util.get_node_ip_address()
         except Exception:  # noqa: BLE001 - outside Ray: single machine
             host = "127.0.0.1"
-    return make_transport(
-        backend,
+    return make_auto_transport(
+        cfg.transport.backend,
         rid,
         host=host,
         connect_timeout_s=cfg.transport.connect_timeout_s,

@@ -47,7 +47,7 @@ for phase in "$@"; do
       run env bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log -1 --format='%H %cd' 2>/dev/null || true"
       ;;
     tests)
-      run tests "$PY" -m pytest -q -m gpu tests/kernels tests/engine -p no:cacheprovider \
+      run tests "$PY" -m pytest -q -m gpu tests/kernels tests/engine tests/cluster/test_transport_auto.py -p no:cacheprovider \
         --junitxml="$OUT_DIR/gpu_tests.xml" --timeout=300
       ;;
     micro)

@@ -2,8 +2,10 @@
 
 ``gloo`` (CPU, what CI exercises) and ``nccl`` (between GPUs) share the torch.distributed
 code path in ``torch_dist``. ``cuda_ipc`` (both roles on one GPU, where NCCL refuses two
-ranks on one device) is offered only once a module providing it is installed: selection
-never hands out a backend that does not exist.
+ranks on one device) lives in ``cuda_ipc``. Replicas use :func:`make_auto_transport`: with
+``backend="auto"`` a GPU replica listens on NCCL *and* CUDA IPC and every transfer takes
+the one that fits its receiver (``auto.AutoTransport``). Selection never hands out a
+backend that does not exist here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 
 import torch
 
+from cluster.transport.auto import AutoTransport, device_identity
 from cluster.transport.base import (
     KVTransport,
     SendHandle,
@@ -23,6 +26,7 @@ from cluster.transport.base import (
 )
 
 __all__ = [
+    "AutoTransport",
     "KVTransport",
     "SendHandle",
     "SendResult",
@@ -30,6 +34,7 @@ __all__ = [
     "TransportEndpoint",
     "available_backends",
     "dtype_from_str",
+    "make_auto_transport",
     "make_transport",
     "select_backend",
 ]
@@ -53,11 +58,11 @@ def available_backends() -> list[str]:
     return out
 
 
-def select_backend(requested: str, device: str, *, same_device: bool = False) -> str:
-    """Pick the backend: ``auto`` means gloo on CPU, nccl between GPUs, cuda_ipc on a shared GPU.
+def select_backend(requested: str, device: str) -> str:
+    """The primary backend: ``auto`` means gloo on CPU and nccl on a GPU (gloo without NCCL).
 
-    ``same_device`` says both roles share one GPU (NCCL refuses two ranks on one device);
-    without a cuda_ipc implementation that case falls back to gloo through host memory.
+    cuda_ipc is never the ``auto`` primary: it only reaches a peer on the same GPU, so
+    :func:`make_auto_transport` adds it beside the primary and picks it per transfer.
     """
     available = available_backends()
     if requested != "auto":
@@ -66,8 +71,6 @@ def select_backend(requested: str, device: str, *, same_device: bool = False) ->
         return requested
     if not device.startswith("cuda"):
         return "gloo"
-    if same_device:
-        return "cuda_ipc" if "cuda_ipc" in available else "gloo"
     return "nccl" if "nccl" in available else "gloo"
 
 
@@ -90,5 +93,28 @@ def make_transport(
         )
     if backend == "cuda_ipc" and _has_cuda_ipc():
         mod = importlib.import_module("cluster.transport.cuda_ipc")
-        return mod.CudaIpcTransport(replica_id, device=device)
+        return mod.CudaIpcTransport(replica_id, device=device, host=host, connect_timeout_s=connect_timeout_s)
     raise ValueError(f"unknown or unavailable KV transport backend {backend!r}")
+
+
+def make_auto_transport(
+    requested: str,
+    replica_id: str,
+    *,
+    device: str = "cpu",
+    host: str = "127.0.0.1",
+    connect_timeout_s: float = 20.0,
+    transfer_timeout_s: float = 20.0,
+) -> AutoTransport:
+    """A replica's transport: the primary backend, plus cuda_ipc on a GPU when ``auto``.
+
+    An explicit ``requested`` backend is used alone (for every peer).
+    """
+    primary_name = select_backend(requested, device)
+    options = dict(host=host, connect_timeout_s=connect_timeout_s, transfer_timeout_s=transfer_timeout_s, device=device)
+    primary = make_transport(primary_name, replica_id, **options)
+    ipc = None
+    identity = device_identity(device) if device.startswith("cuda") else ""
+    if requested == "auto" and primary_name == "nccl" and "cuda_ipc" in available_backends() and identity:
+        ipc = make_transport("cuda_ipc", replica_id, **options)
+    return AutoTransport(primary, ipc, identity)

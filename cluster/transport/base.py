@@ -31,6 +31,10 @@ class TransportEndpoint:
     port: int
     # The receiving replica's id (for logs and pair bookkeeping).
     owner_id: str
+    # Further backends the receiver listens on (``AutoTransport``: cuda_ipc beside nccl).
+    alternatives: tuple[TransportEndpoint, ...] = ()
+    # The receiver's physical GPU ("" on CPU): equal on both ends means CUDA IPC works.
+    device_id: str = ""
 
 
 @dataclass
@@ -42,6 +46,8 @@ class SendResult:
     # Shape and dtype of the buffer, so the receiver can allocate it.
     shape: tuple[int, ...]
     dtype: str
+    # The backend that carried it ("" = the receiver's primary one); set by AutoTransport.
+    backend: str = ""
 
 
 class SendHandle(ABC):
