@@ -1,8 +1,13 @@
-"""TritonAttentionBackend against TorchAttentionBackend on random mixed batches."""
+"""TritonAttentionBackend against TorchAttentionBackend on random mixed batches.
+
+Both prefill paths are checked: the Triton kernel alone (``prefill_attention="triton"``)
+and SDPA for fresh prefills with the kernel for prefills over a cached prefix (``"sdpa"``).
+"""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,7 +15,9 @@ import torch
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata
 from engine.attention.torch_backend import TorchAttentionBackend
-from engine.attention.triton_backend import TritonAttentionBackend
+from engine.attention import triton_backend
+from engine.attention.sdpa_prefill import equal_length_runs
+from engine.attention.triton_backend import TritonAttentionBackend, prefill_runs
 from tests.kernels.kernel_test_inputs import random_block_tables
 
 BS = 8
@@ -93,3 +100,104 @@ def test_gqa_and_graph_bound(case):
 def test_registered_by_name():
     assert isinstance(get_attention_backend("triton"), TritonAttentionBackend)
     assert get_attention_backend("triton").name == "triton"
+
+
+# --- prefill_attention: "sdpa" for fresh prefills, the kernel over cached prefixes ------
+
+
+def _random_mix(seed: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Decode contexts and (query, context) prefills: fresh ones (some of equal length, so
+    SDPA batches them) interleaved with chunks over a cached prefix."""
+    rng = random.Random(seed)
+    decode_ctx = [rng.randint(1, 40) for _ in range(rng.randint(0, 3))]
+    prefill = []
+    for _ in range(rng.randint(3, 6)):
+        qlen = rng.choice([1, 7, 16, 16, rng.randint(1, 40)])
+        cached = rng.choice([0, 0, rng.randint(1, 30)])
+        prefill.append((qlen, qlen + cached))
+    return decode_ctx, prefill
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sdpa_prefill_matches_torch_backend(case, seed):
+    decode_ctx, prefill = _random_mix(seed)
+    _compare(case, _mixed_batch(case, decode_ctx, prefill), TritonAttentionBackend(prefill_attention="sdpa"))
+
+
+@pytest.mark.parametrize(
+    "decode_ctx, prefill",
+    [
+        # cached | fresh x3 (two of equal length: one batched SDPA call) | cached | fresh
+        ([5, 17], [(9, 30), (12, 12), (12, 12), (5, 5), (1, 40), (70, 70)]),
+        ([], [(16, 16), (16, 16), (16, 16)]),  # fresh only: no kernel launch at all
+        ([4], [(6, 20), (3, 11)]),  # cached only: the kernel, as with "triton"
+    ],
+    ids=["interleaved", "fresh-only", "cached-only"],
+)
+def test_sdpa_prefill_fixed_mixes(case, decode_ctx, prefill):
+    _compare(case, _mixed_batch(case, decode_ctx, prefill), TritonAttentionBackend(prefill_attention="sdpa"))
+
+
+def test_sdpa_prefill_gqa(case):
+    batch = _mixed_batch(case, [7], [(20, 20), (4, 20), (9, 9)], h=8, h_kv=1)
+    _compare(case, batch, TritonAttentionBackend(prefill_attention="sdpa"))
+
+
+def _count_kernel_prefill_calls(monkeypatch, backend, case, decode_ctx, prefill) -> list[list[int]]:
+    """Run ``backend`` on a batch; return the context lengths each prefill-kernel launch got."""
+    calls: list[list[int]] = []
+    real = triton_backend.prefill_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[5].tolist())  # context_lens of the sequences this launch covers
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "prefill_attention", spy)
+    q, k, v, kc, vc, meta = _mixed_batch(case, decode_ctx, prefill)
+    backend.forward(q, k, v, kc, vc, meta, 0.25)
+    return calls
+
+
+def test_sdpa_sends_only_cached_prefix_runs_to_the_kernel(monkeypatch, case):
+    prefill = [(9, 30), (4, 25), (12, 12), (12, 12), (1, 40), (70, 70)]
+    calls = _count_kernel_prefill_calls(
+        monkeypatch, TritonAttentionBackend(prefill_attention="sdpa"), case, [5], prefill
+    )
+    assert calls == [[30, 25], [40]]
+    calls = _count_kernel_prefill_calls(
+        monkeypatch, TritonAttentionBackend(prefill_attention="triton"), case, [5], prefill
+    )
+    assert calls == [[30, 25, 12, 12, 40, 70]]
+
+
+def test_auto_resolves_to_sdpa_on_cuda_and_triton_elsewhere(monkeypatch, case):
+    auto = TritonAttentionBackend()
+    assert auto.prefill_attention == "auto"
+    assert auto.resolved_prefill_attention(torch.device("cuda")) == "sdpa"
+    assert auto.resolved_prefill_attention(torch.device("cuda", 0)) == "sdpa"
+    assert auto.resolved_prefill_attention(torch.device("cpu")) == "triton"
+    for choice in ("triton", "sdpa"):  # explicit choices hold on every device
+        b = TritonAttentionBackend(prefill_attention=choice)
+        assert {b.resolved_prefill_attention(torch.device(d)) for d in ("cpu", "cuda")} == {choice}
+    # And "auto" on the CPU really runs the kernel for every prefill (the interpreter tests
+    # keep exercising it), never SDPA.
+    monkeypatch.setattr(triton_backend, "sdpa_fresh_prefill", lambda *a, **k: pytest.fail("SDPA on CPU"))
+    if case.device == "cpu":
+        calls = _count_kernel_prefill_calls(monkeypatch, auto, case, [3], [(8, 8), (2, 10)])
+        assert calls == [[8, 10]]
+
+
+def test_prefill_attention_choice_is_validated():
+    with pytest.raises(ValueError, match="prefill_attention"):
+        TritonAttentionBackend(prefill_attention="flash")
+    with pytest.raises(ValueError, match="prefill_attention"):
+        get_attention_backend("triton", prefill_attention="SDPA")
+    assert get_attention_backend("triton", prefill_attention="sdpa").prefill_attention == "sdpa"
+
+
+def test_run_splitting():
+    # (query, context): fresh when equal.
+    assert prefill_runs([3, 3, 2, 5, 1], [3, 3, 9, 12, 1]) == [(0, 2, True), (2, 4, False), (4, 5, True)]
+    assert prefill_runs([], []) == []
+    # (first_row, num_seqs, seq_len): equal consecutive lengths share one SDPA call.
+    assert equal_length_runs([4, 4, 4, 2, 4]) == [(0, 3, 4), (12, 1, 2), (14, 1, 4)]
