@@ -122,15 +122,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = empty_param(size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., size) -> (..., size)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:  # (..., size) -> (..., size)
+        """Normalise ``x``; ``fused`` runs the Triton kernel (``ForwardContext.fused_kernels``)."""
+        if fused:
+            # Imported here: kernels/ needs triton, which CPU-only installs may lack.
+            from kernels.rms_norm import rms_norm  # noqa: PLC0415
+
+            return rms_norm(x, self.weight, self.eps)  # fresh contiguous, same semantics
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Half precision: normalise in fp32 and cast back *before* scaling, as HF does.
         y = F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
         return y * self.weight
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``residual += x`` in place (the residual stream is ours), return (norm(residual), residual)."""
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual += x`` in place (the residual stream is ours), return (norm(residual), residual).
+
+        ``fused`` does both in one Triton pass (``kernels.rms_norm.fused_add_rms_norm``).
+        """
+        if fused:
+            from kernels.rms_norm import fused_add_rms_norm  # noqa: PLC0415
+
+            return fused_add_rms_norm(x, residual, self.weight, self.eps), residual
         residual.add_(x)
         return self(residual), residual
 
