@@ -120,3 +120,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     torch.mul(x2, cos, out=o2)
     o2.add_(x1 * sin)
     return out
+
+
+def rotate_qk(
+    q: torch.Tensor,  # (T, H, D)
+    k: torch.Tensor,  # (T, H_kv, D)
+    cos: torch.Tensor,  # (T, 1, D/2)
+    sin: torch.Tensor,  # (T, 1, D/2)
+    fused: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fresh contiguous (T, H, D), (T, H_kv, D)
+    """Rotate q and k; ``fused`` does both in one Triton launch (``kernels.rotary``)."""
+    if fused:
+        # Imported here: kernels/ needs triton, which CPU-only installs may lack.
+        from kernels.rotary import rotary_embedding  # noqa: PLC0415
+
+        return rotary_embedding(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
