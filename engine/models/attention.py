@@ -1,5 +1,7 @@
 """Self-attention layer: fused QKV projection, optional q/k norm, RoPE, paged attention.
 
+With ``ctx.fused_kernels`` the q/k norm and RoPE run as Triton kernels (``kernels/``).
+
 The layer owns no cache: it hands q/k/v to ``ctx.backend`` together with its own layer's
 slice of ``ctx.kv_cache``; the backend stores the new K/V and attends over the pages.
 """
@@ -11,7 +13,7 @@ import torch
 from engine.forward_context import ForwardContext
 from engine.models.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm
-from engine.models.rotary import apply_rotary
+from engine.models.rotary import rotate_qk
 
 
 class Attention(torch.nn.Module):
@@ -49,12 +51,12 @@ class Attention(torch.nn.Module):
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)  # (T, H, D)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)  # (T, H_kv, D)
+        fused = ctx.fused_kernels
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # apply_rotary returns fresh contiguous q/k; v is made contiguous too so every
+            q, k = self.q_norm(q, fused=fused), self.k_norm(k, fused=fused)
+        # rotate_qk returns fresh contiguous q/k; v is made contiguous too so every
         # backend (and the Triton store kernel) sees plain (T, H, D) tensors.
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin, fused=fused)
         v = v.contiguous()
         out = ctx.backend.forward(
             q, k, v, ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1], ctx.attn_metadata, self.scale

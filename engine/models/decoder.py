@@ -50,9 +50,10 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        fused = ctx.fused_kernels
+        x, residual = self.input_layernorm.add_and_norm(hidden, residual, fused=fused)
         x = self.self_attn(x, cos, sin, ctx)
-        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual, fused=fused)
         return self.mlp(x), residual
 
 
@@ -73,6 +74,8 @@ class DecoderModel(nn.Module):
         hidden = torch.zeros_like(residual)
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, ctx)
+        if ctx.fused_kernels:
+            return self.norm.add_and_norm(hidden, residual, fused=True)[0]
         residual.add_(hidden)
         return self.norm(residual)
 
