@@ -12,11 +12,10 @@ import random
 import pytest
 import torch
 
-from engine.attention import get_attention_backend
+from engine.attention import get_attention_backend, triton_backend
 from engine.attention.base import AttentionMetadata
-from engine.attention.torch_backend import TorchAttentionBackend
-from engine.attention import triton_backend
 from engine.attention.sdpa_prefill import equal_length_runs
+from engine.attention.torch_backend import TorchAttentionBackend
 from engine.attention.triton_backend import TritonAttentionBackend, prefill_runs
 from tests.kernels.kernel_test_inputs import random_block_tables
 
