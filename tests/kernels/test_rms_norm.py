@@ -138,11 +138,11 @@ def test_empty_batch(case):
     ],
 )
 def test_fused_add_bad_arguments_raise_value_error(case, mutate, message):
-    args = dict(
-        x=torch.randn(4, 16, device=case.device, dtype=case.dtype),
-        r=torch.randn(4, 16, device=case.device, dtype=case.dtype),
-        w=_weight(case, 16),
-    )
+    args = {
+        "x": torch.randn(4, 16, device=case.device, dtype=case.dtype),
+        "r": torch.randn(4, 16, device=case.device, dtype=case.dtype),
+        "w": _weight(case, 16),
+    }
     mutate(args)
     with pytest.raises(ValueError, match=message):
         fused_add_rms_norm(args["x"], args["r"], args["w"], EPS)

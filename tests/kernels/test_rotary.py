@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from engine.models.rotary import RotaryEmbedding, apply_rotary, rotate_qk
-from kernels.rotary import apply_rotary_reference, rotary_embedding, rotary_embedding_reference
+from kernels.rotary import (
+    apply_rotary_reference,
+    rotary_embedding,
+    rotary_embedding_reference,
+)
 
 
 def _inputs(case, t=7, h=4, h_kv=2, d=16, scaling=None):
@@ -113,7 +117,7 @@ def _other_dtype(t):
 )
 def test_bad_arguments_raise_value_error(case, mutate, message):
     q, k, cos, sin = _inputs(case)
-    args = dict(q=q, k=k, cos=cos, sin=sin)
+    args = {"q": q, "k": k, "cos": cos, "sin": sin}
     mutate(args)
     with pytest.raises(ValueError, match=message):
         rotary_embedding(args["q"], args["k"], args["cos"], args["sin"])
