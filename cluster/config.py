@@ -72,7 +72,7 @@ class ModelConfig(_Strict):
         "torch", description='Attention backend: "torch" (SDPA; CPU), "triton" (GPU) or "flash_attn" (GPU, optional package).'
     )
     fused_kernels: Literal["auto", "on", "off"] = Field(
-        "auto", description="Fused Triton residual+RMSNorm and rotary kernels (auto: on CUDA when triton imports)."
+        "auto", description="Fused Triton residual+RMSNorm and rotary kernels (auto: off until measured on a GPU)."
     )
     prefill_attention: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description='Prefill path of the "triton" backend: the varlen paged kernel or torch SDPA.'

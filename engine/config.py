@@ -53,9 +53,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # Largest decode batch captured as a CUDA graph (also capped by max_num_seqs and 256).
     cuda_graph_max_batch: int = 64
-    # Fused Triton kernels for residual-add + RMSNorm and rotary embedding: "auto" uses
-    # them on CUDA when triton imports, "on" demands them (CPU: only under
-    # TRITON_INTERPRET=1), "off" keeps the torch ops.
+    # Fused Triton kernels for residual-add + RMSNorm and rotary embedding: "on" demands
+    # them (CPU: only under TRITON_INTERPRET=1), "off" keeps the torch ops, "auto" is off
+    # until a GPU run shows they pay off (see engine.model_runner.resolve_fused_kernels).
     fused_kernels: str = "auto"
     # Prefill attention of the "triton" backend: "triton" (the varlen paged kernel), "sdpa"
     # (torch SDPA for chunks with no cached prefix, the kernel for the rest) or "auto".
