@@ -4,6 +4,9 @@ Flash-decoding: each sequence's context is cut into ``num_splits`` token ranges 
 in parallel (a batch of a few long sequences would otherwise leave most SMs idle); each
 split writes a partial output and its log-sum-exp, and a second kernel merges them.
 With one split the first kernel writes the final output directly (no second launch).
+The ranges are sized per sequence, in the kernel, from its own context length: a grid
+sized for a far larger bound (CUDA graphs size it for ``max_model_len``) still spreads a
+short context over the splits instead of leaving it whole in split 0.
 
 A program owns one (sequence, KV head, split) and all ``H // H_kv`` query heads that
 share the KV head, so K/V are read once per group. Key tiles are gathered token by token
@@ -36,6 +39,8 @@ BLOCK_N = 64
 TARGET_PROGRAMS = 256
 # A split shorter than this many tokens costs more in merging than it saves.
 MIN_TOKENS_PER_SPLIT = 256
+# Splits the merge kernel combines per iteration (x head_dim fp32 values in registers).
+MERGE_BLOCK_S = 16
 
 
 def paged_decode_reference(
@@ -72,7 +77,6 @@ def _paged_decode_kernel(
     out_ptr,  # (B, H, D) when SINGLE_SPLIT else partial (B, H, num_splits, D) fp32
     lse_ptr,  # (B, H, num_splits) fp32 (unused when SINGLE_SPLIT)
     scale_log2,  # softmax scale * log2(e): scores go through exp2
-    tokens_per_split,
     stride_qb,
     stride_qh,
     stride_ob,  # out's strides (used only when SINGLE_SPLIT)
@@ -93,8 +97,11 @@ def _paged_decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    lo = split * tokens_per_split
-    hi = tl.minimum(ctx, lo + tokens_per_split)
+    # Whole key tiles per split, so only the last tile of a split is ragged. A context of
+    # 0 tokens (or one shorter than the splits) leaves splits empty: lo >= hi.
+    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(ctx, lo + per_split)
 
     g = tl.arange(0, BLOCK_G)  # query heads of this KV group
     d = tl.arange(0, BLOCK_D)
@@ -163,19 +170,34 @@ def _merge_splits_kernel(
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    base = b.to(tl.int64) * H + h
-    lse = tl.load(lse_ptr + base * num_splits + s, mask=s_mask, other=float("-inf"))
-    # Split 0 always holds token 0, so the max is finite.
-    w = tl.exp2(lse - tl.max(lse, 0))  # (BLOCK_S,)
-    part = tl.load(
-        partial_ptr + (base * num_splits + s)[:, None] * D + d[None, :],
-        mask=s_mask[:, None] & (d < D)[None, :],
-        other=0.0,
-    )  # (BLOCK_S, BLOCK_D)
-    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    d_mask = d < D
+    base = (b.to(tl.int64) * H + h) * num_splits  # row of split 0
+    # Splits are walked BLOCK_S at a time: a (num_splits, D) tile of up to 256 x 128 fp32
+    # would not fit in registers.
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        lse = tl.load(lse_ptr + base + s0 + s, mask=s0 + s < num_splits, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_max = tl.max(m, 0)
+    # Every split empty (a context of 0 tokens): use 0, not -inf, so exp2 gives weights of
+    # 0 instead of NaN from -inf - -inf; the output row is then 0, as with one split.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_mask = s0 + s < num_splits
+        w = tl.exp2(tl.load(lse_ptr + base + s0 + s, mask=s_mask, other=float("-inf")) - m_max)
+        part = tl.load(
+            partial_ptr + (base + s0 + s)[:, None] * D + d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_S, BLOCK_D)
+        acc += tl.sum(part * w[:, None], 0)
+        w_sum += w
+    total = tl.sum(w_sum, 0)
+    o = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
     dst = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
-    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int) -> int:
@@ -224,11 +246,15 @@ def paged_decode(
 
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * bs
+    max_context_len = max(1, max_context_len)
     if num_splits is None:
         num_splits = choose_num_splits(batch, h_kv, max_context_len)
-    # Whole key tiles per split, so only the last tile of a split is ragged.
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = max(1, triton.cdiv(max_context_len, tokens_per_split))
+    if num_splits < 1:
+        raise ValueError(f"{name}: num_splits must be positive, got {num_splits}")
+    # Drop splits that even the longest context leaves empty (the kernel sizes each
+    # sequence's splits from its own length, in whole BLOCK_N tiles).
+    longest_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(max_context_len, longest_split)
     group = h // h_kv
     consts = dict(
         H=h, H_KV=h_kv, D=d, BLOCK_SIZE=bs, GROUP=group,
@@ -240,8 +266,7 @@ def paged_decode(
     if num_splits == 1:
         _paged_decode_kernel[(batch, h_kv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, out, out, scale_log2,
-            tokens_per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            block_tables.stride(0), 1,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), 1,
             SINGLE_SPLIT=True, **consts,
         )
         return out
@@ -249,11 +274,11 @@ def paged_decode(
     lse = torch.empty(batch, h, num_splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(batch, h_kv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse, scale_log2,
-        tokens_per_split, q.stride(0), q.stride(1), 0, 0, block_tables.stride(0), num_splits,
+        q.stride(0), q.stride(1), 0, 0, block_tables.stride(0), num_splits,
         SINGLE_SPLIT=False, **consts,
     )
     _merge_splits_kernel[(batch, h)](
         partial, lse, out, out.stride(0), out.stride(1), num_splits,
-        H=h, D=d, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(d),
+        H=h, D=d, BLOCK_S=min(MERGE_BLOCK_S, next_power_of_2(num_splits)), BLOCK_D=next_power_of_2(d),
     )
     return out
