@@ -29,13 +29,13 @@ def test_varlen_batch_with_cached_prefixes(case):
     # Fresh prompt; 70 new tokens (two query tiles) after a 30-token cached prefix;
     # the last token only (fully cached prompt); a chunk ending mid-block.
     out, ref, _ = _run(case, [12, 70, 1, 9], [12, 100, 33, 20])
-    torch.testing.assert_close(out.float(), ref.float(), atol=case.atol, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=case.atol, rtol=case.rtol)
 
 
 @pytest.mark.parametrize("h, h_kv", [(2, 2), (8, 1)], ids=["mha", "mqa8"])
 def test_group_sizes(case, h, h_kv):
     out, ref, _ = _run(case, [5, 17], [21, 17], h=h, h_kv=h_kv)
-    torch.testing.assert_close(out.float(), ref.float(), atol=case.atol, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=case.atol, rtol=case.rtol)
 
 
 def test_whole_prompt_equals_dense_causal_attention(case):
@@ -47,7 +47,7 @@ def test_whole_prompt_equals_dense_causal_attention(case):
     want = F.scaled_dot_product_attention(
         q.transpose(0, 1).float(), keys, vals, is_causal=True, scale=scale
     ).transpose(0, 1)
-    torch.testing.assert_close(out.float(), want, atol=case.atol, rtol=0)
+    torch.testing.assert_close(out.float(), want, atol=case.atol, rtol=case.rtol)
 
 
 def test_bad_arguments_raise_value_error(case):
