@@ -46,7 +46,12 @@ def can_launch(device: torch.device) -> bool:
 
 
 class LazyKernel:
-    """A ``@triton.jit`` function built at first launch, once per interpreter mode."""
+    """A ``@triton.jit`` function built at first launch, once per interpreter mode.
+
+    Launches go to the device of the first tensor argument: Triton itself launches on the
+    *current* CUDA device, so a cache on ``cuda:1`` while ``cuda:0`` is current would be
+    read through the wrong device's context.
+    """
 
     def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any) -> None:
         self.fn = fn
@@ -61,7 +66,18 @@ class LazyKernel:
         if kernel is None:
             kernel = triton.jit(self.fn, **self.jit_kwargs)
             self._built[mode] = kernel
-        return kernel[grid]
+        launch = kernel[grid]
+
+        def on_tensor_device(*args: Any, **kwargs: Any) -> Any:
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    if arg.is_cuda and arg.device.index != torch.cuda.current_device():
+                        with torch.cuda.device(arg.device):
+                            return launch(*args, **kwargs)
+                    break
+            return launch(*args, **kwargs)
+
+        return on_tensor_device
 
 
 def lazy_jit(fn: Callable[..., Any]) -> LazyKernel:
