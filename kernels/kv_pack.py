@@ -98,8 +98,10 @@ if triton_available():
         CHUNK: tl.constexpr,
         SCATTER: tl.constexpr,
     ):
-        lk = tl.program_id(0).to(tl.int64)  # layer * 2 + (0 for K, 1 for V)
-        i = tl.program_id(1)
+        # Blocks on grid axis 0: axes 1 and 2 stop at 65535 programs, and a long prompt
+        # moves more blocks than that (1M tokens of 16-token blocks).
+        i = tl.program_id(0)
+        lk = tl.program_id(1).to(tl.int64)  # layer * 2 + (0 for K, 1 for V)
         c = tl.program_id(2)
         block = tl.load(block_ids_ptr + i)
         offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -124,7 +126,7 @@ def _launch(name: str, kv_cache: torch.Tensor, ids: torch.Tensor, buffer: torch.
         return
     num_layers, _, num_blocks, bs, h_kv, d = kv_cache.shape
     block_elems = bs * h_kv * d
-    grid = (num_layers * 2, n, triton.cdiv(block_elems, CHUNK))
+    grid = (n, num_layers * 2, triton.cdiv(block_elems, CHUNK))
     _kv_pack_kernel[grid](
         kv_cache, buffer, ids, num_blocks, n,
         BLOCK_ELEMS=block_elems, CHUNK=CHUNK, SCATTER=scatter,
