@@ -185,11 +185,15 @@ def prefill_attention(
     if max_query_len is None:
         max_query_len = t
     grid = (batch, triton.cdiv(max_query_len, BLOCK_M), h)
+    block_d = max(16, next_power_of_2(d))
+    # Rows wider than 512 bytes (fp32 at head_dim 256) make the pipelined K/V tiles need
+    # more shared memory than an H100 SM has (~320 KB at 2 or 3 stages): don't pipeline.
+    num_stages = 1 if block_d * q.element_size() > 512 else 3
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         H_KV=h_kv, D=d, BLOCK_SIZE=bs, GROUP=h // h_kv,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_power_of_2(d)),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_stages=num_stages,
     )
     return out
