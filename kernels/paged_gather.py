@@ -28,7 +28,8 @@ def varlen_slots(
     device = block_tables.device
     lens = torch.tensor(list(context_lens), dtype=torch.int64, device=device)
     total = int(sum(context_lens))
-    seq = torch.repeat_interleave(torch.arange(len(context_lens), device=device), lens)  # (N,)
+    # output_size: without it repeat_interleave reads the total back from the device (a sync).
+    seq = torch.repeat_interleave(torch.arange(len(context_lens), device=device), lens, output_size=total)  # (N,)
     starts = torch.cumsum(lens, 0) - lens  # (B,) exclusive prefix sums
     pos = torch.arange(total, device=device) - starts[seq]  # (N,) position within its sequence
     blocks = block_tables.long()[seq, pos // block_size]
