@@ -5,7 +5,9 @@ are sequences of query length 1, prefill chunks are the rest, and flash-attn's c
 mask is bottom-right aligned, which is exactly "the last Q positions of a C-token
 context". flash-attn 2 reads paged K/V itself only when the page size is a multiple of
 256; for the usual 16-token blocks we first gather each sequence's context into a packed
-buffer (``kernels.paged_gather``). New K/V are stored with the Triton store kernel.
+buffer (``kernels.paged_gather``). New K/V are stored with the Triton store kernel. The
+step's ``cu_seqlens``, block table and gather slots are built once, at the first layer,
+and reused by the others (every layer gets the same metadata object).
 
 Importing this module without flash-attn raises ImportError with install instructions;
 nothing else in kvferry requires flash-attn.
@@ -23,6 +25,8 @@ except ImportError as exc:  # flash-attn is optional and CUDA-only
         "(pip install flash-attn --no-build-isolation, on a CUDA machine); "
         "use attention_backend='triton' or 'torch' instead"
     ) from exc
+
+from dataclasses import dataclass
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from kernels.paged_gather import gather_varlen, varlen_slots
@@ -48,10 +52,42 @@ def _stack_tables(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b]).to(torch.int32)
 
 
+@dataclass
+class _StepInputs:
+    """What flash-attn needs for one step, the same for every layer."""
+
+    common: dict  # cu_seqlens_q/k, max_seqlen_q/k, causal
+    tables: torch.Tensor  # (B, max_blocks) int32, decode rows first
+    slots: torch.Tensor | None  # (sum C,) int64 packed-gather slots; None when paged
+
+
 class FlashAttnBackend(AttentionBackend):
     """flash-attn varlen attention over the paged cache (decode and prefill in one call)."""
 
     name = "flash_attn"
+
+    def __init__(self) -> None:
+        # (metadata, its inputs): the last step's, reused while the layers of a step run.
+        self._step: tuple[AttentionMetadata, _StepInputs] | None = None
+
+    def _step_inputs(self, meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepInputs:
+        if self._step is not None and self._step[0] is meta:
+            return self._step[1]
+        nd = meta.num_decode_tokens
+        query_lens = [1] * nd + list(meta.prefill_query_lens_list)
+        context_lens = list(meta.decode_context_lens_list[:nd]) + list(meta.prefill_context_lens_list)
+        tables = _stack_tables(meta.decode_block_tables[:nd], meta.prefill_block_tables)
+        common = {
+            "cu_seqlens_q": _cu_seqlens(query_lens, device),
+            "cu_seqlens_k": _cu_seqlens(context_lens, device),
+            "max_seqlen_q": max(query_lens),
+            "max_seqlen_k": max(context_lens),
+            "causal": True,
+        }
+        paged = block_size % FLASH_PAGE_MULTIPLE == 0
+        inputs = _StepInputs(common, tables, None if paged else varlen_slots(tables, context_lens, block_size))
+        self._step = (meta, inputs)
+        return inputs
 
     def forward(
         self,
@@ -66,24 +102,11 @@ class FlashAttnBackend(AttentionBackend):
         if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError("flash_attn backend needs CUDA tensors in float16 or bfloat16")
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        nd = meta.num_decode_tokens
-        query_lens = [1] * nd + list(meta.prefill_query_lens_list)
-        context_lens = list(meta.decode_context_lens_list[:nd]) + list(meta.prefill_context_lens_list)
-        tables = _stack_tables(meta.decode_block_tables[:nd], meta.prefill_block_tables)
-        cu_q = _cu_seqlens(query_lens, q.device)
-        cu_k = _cu_seqlens(context_lens, q.device)
-        common = dict(
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max(query_lens),
-            max_seqlen_k=max(context_lens),
-            softmax_scale=scale,
-            causal=True,
-        )
-        block_size = k_cache.shape[1]
-        if block_size % FLASH_PAGE_MULTIPLE == 0:
-            return flash_attn_varlen_func(q, k_cache, v_cache, block_table=tables, **common)
-        slots = varlen_slots(tables, context_lens, block_size)
-        keys = gather_varlen(k_cache, slots)  # (sum C, H_kv, D)
-        vals = gather_varlen(v_cache, slots)
-        return flash_attn_varlen_func(q, keys, vals, **common)
+        step = self._step_inputs(meta, k_cache.shape[1], q.device)
+        if step.slots is None:  # pages of a multiple of 256 tokens: flash-attn reads them itself
+            return flash_attn_varlen_func(
+                q, k_cache, v_cache, block_table=step.tables, softmax_scale=scale, **step.common
+            )
+        keys = gather_varlen(k_cache, step.slots)  # (sum C, H_kv, D)
+        vals = gather_varlen(v_cache, step.slots)
+        return flash_attn_varlen_func(q, keys, vals, softmax_scale=scale, **step.common)
