@@ -137,7 +137,7 @@ def compile_launches(launches: list[Launch], capability: int = 90) -> list[Compi
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     res = subprocess.run(
         [sys.executable, "-m", "tests.kernels.gpu_compile", str(capability)],
-        input=json.dumps(spec), capture_output=True, text=True, cwd=REPO, env=env,
+        input=json.dumps(spec), capture_output=True, text=True, cwd=REPO, env=env, check=False,
     )
     if res.returncode != 0:
         raise AssertionError(f"compiling for sm_{capability} failed:\n{res.stderr[-6000:]}")

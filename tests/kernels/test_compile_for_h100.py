@@ -28,9 +28,10 @@ from tests.kernels.gpu_compile import (
 
 pytestmark = pytest.mark.skipif(not aot_supported(), reason="triton without the NVIDIA backend or ptxas")
 
-LLAMA = dict(h=32, h_kv=8, d=128, bs=16)  # Llama-3.1-8B attention
-TINY = dict(h=4, h_kv=2, d=16, bs=4)  # the tiny models of tests/engine (GPU tests run them in fp32)
-MQA8 = dict(h=8, h_kv=1, d=64, bs=16)
+LLAMA = {"h": 32, "h_kv": 8, "d": 128, "bs": 16}  # Llama-3.1-8B attention
+TINY = {"h": 4, "h_kv": 2, "d": 16, "bs": 4}  # the tiny models of tests/engine (GPU tests run them in fp32)
+MQA8 = {"h": 8, "h_kv": 1, "d": 64, "bs": 16}
+HD256 = {"h": 8, "h_kv": 1, "d": 256, "bs": 16}
 
 
 def _paged(dtype, h, h_kv, d, bs, tokens, num_blocks=4):
@@ -84,7 +85,7 @@ SCENARIOS: dict[str, tuple[Callable[[], None], list[str], bool]] = {
     "prefill-llama-bf16": (_prefill(torch.bfloat16, LLAMA), ["_prefill_attention_kernel"], True),
     "prefill-tiny-fp32": (_prefill(torch.float32, TINY), ["_prefill_attention_kernel"], False),
     # 1 KB rows: the pipelined tiles would need ~320 KB of shared memory.
-    "prefill-fp32-d256": (_prefill(torch.float32, dict(h=8, h_kv=1, d=256, bs=16)), ["_prefill_attention_kernel"], False),
+    "prefill-fp32-d256": (_prefill(torch.float32, HD256), ["_prefill_attention_kernel"], False),
     "kv-pack-llama-bf16": (_kv_pack, ["_kv_pack_kernel"] * 2, True),
 }
 
