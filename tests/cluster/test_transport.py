@@ -141,7 +141,7 @@ def test_backend_selection_offers_only_existing_backends() -> None:
         make_transport("carrier-pigeon", "x")
 
 
-def _sender_after_failure(endpoint: TransportEndpoint, results: mp.Queue, go: mp.Event) -> None:
+def _sender_with_unclaimed(endpoint: TransportEndpoint, results: mp.Queue, go: mp.Event) -> None:
     """Sends transfer 5 (the receiver never claims it), then transfer 7 once told to."""
     t = make_transport("gloo", "prefill-r", connect_timeout_s=10, transfer_timeout_s=10)
     t.send(endpoint, 5, _payload(5))  # handle dropped: the transport keeps the send alive
@@ -160,7 +160,7 @@ def test_claim_timeout_leaves_the_group_usable() -> None:
     endpoint = recv_side.listen()
     ctx = tmp.get_context("spawn")
     q, go = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_sender_after_failure, args=(endpoint, q, go))
+    proc = ctx.Process(target=_sender_with_unclaimed, args=(endpoint, q, go))
     proc.start()
     try:
         assert q.get(timeout=60) == 1
