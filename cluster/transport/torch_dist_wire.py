@@ -10,6 +10,7 @@ posted send/recv, and the graveyard where failed works are parked with their buf
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +79,11 @@ def make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) -> 
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, 2, td(timeout_s))
     if backend == "nccl":
+        # PyTorch's default (3) tears the whole process down when a NCCL op times out or
+        # fails. A pair group is disposable (a failed transfer means local recompute and a
+        # fresh pair), so only its communicator is aborted (2). Read when a group is built;
+        # an explicit setting of the operator's wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = td(timeout_s)
         return dist.ProcessGroupNCCL(store, rank, 2, opts)
