@@ -10,6 +10,7 @@ Every wait has a timeout and every failure is a ``TransferError``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import pickle
 import threading
@@ -51,13 +52,16 @@ class _IpcSendHandle(SendHandle):
                 if time.monotonic() > deadline:
                     raise TransferError(f"cuda_ipc transfer {self._transfer_id} not acknowledged in {timeout_s}s")
                 time.sleep(_POLL_S)
-            self._store.delete_key(ack)
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001 - store gone: the receiver died
             raise TransferError(f"cuda_ipc transfer {self._transfer_id} failed: {e}") from e
         finally:
             self._buffer = None
+        # Delivered. Tidying the key is best effort: the receiver may already have closed
+        # its store (it owns it), which must not turn a delivered transfer into a failure.
+        with contextlib.suppress(Exception):
+            self._store.delete_key(ack)
 
 
 class CudaIpcTransport(KVTransport):

@@ -14,7 +14,9 @@ def _receiver(q_out, q_in) -> None:
     q_out.put(t.listen())
     group_id, transfer_id, shape, dtype = q_in.get(timeout=60)
     buf = t.recv(group_id, transfer_id, shape, dtype, timeout_s=30)
+    assert buf.device.type == "cuda"  # a copy in this process's memory
     q_out.put(buf.cpu())  # what arrived, for the sender to compare
+    q_in.get(timeout=60)  # the sender is done with our store: close it only now
     t.close()
 
 
@@ -42,6 +44,7 @@ def test_two_process_transfer_of_gathered_blocks():
         q_in.put((handle.result.group_id, 7, handle.result.shape, buf.dtype))
         handle.wait(timeout_s=30)
         got = q_out.get(timeout=60)
+        q_in.put("done")
         assert torch.equal(got, buf.cpu())
     finally:
         proc.join(timeout=30)
