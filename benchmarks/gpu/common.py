@@ -4,14 +4,19 @@ Every figure is reported as a ratio against a peer measured in the same process 
 same device (device-to-device copy bandwidth, a bf16 8192^3 GEMM, transformers
 ``generate``), so numbers from different machines stay comparable. Models are random
 bf16 weights with the real shapes of public configs, built from transformers configs:
-nothing is downloaded. ``--smoke`` swaps in a tiny model on CPU to exercise the code path.
+nothing is downloaded. A built model is kept on disk and reused by the next script
+(Llama-3.1-8B is 16 GB: one copy per script would fill a 64 GB disk in four runs).
+``--smoke`` swaps in a tiny model on CPU to exercise the code path.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +31,8 @@ if str(REPO) not in sys.path:  # run as a script: make `engine`, `kernels` impor
     sys.path.insert(0, str(REPO))
 
 RESULTS_DIR = REPO / "results"
+# Built random-weight models, reused across scripts and runs ($KVFERRY_BENCH_MODELS).
+MODELS_DIR = Path(os.environ.get("KVFERRY_BENCH_MODELS", Path(tempfile.gettempdir()) / "kvferry-bench-models"))
 
 # Real shapes of the benchmarked models (random weights; no download).
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
@@ -81,18 +88,39 @@ def hf_config(name: str) -> Any:
 
 
 def build_model_dir(name: str, device: str, dtype: str, root: Path | None = None) -> Path:
-    """Random-weight checkpoint of model ``name`` written to a temp dir (built on ``device``)."""
+    """Random-weight checkpoint of model ``name`` in ``dtype``, built on ``device`` once.
+
+    Kept under ``root`` (default :data:`MODELS_DIR`) and reused while its marker file
+    exists; a build interrupted half-way is discarded and redone.
+    """
     from transformers import AutoModelForCausalLM
 
-    root = root or Path(tempfile.mkdtemp(prefix=f"kvferry-bench-{name}-"))
+    path = (root or MODELS_DIR) / f"{name}-{dtype}"
+    done = path / ".complete"
+    if done.exists():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):  # initialise on the GPU: an 8B model on CPU takes minutes
         model = AutoModelForCausalLM.from_config(hf_config(name), dtype=torch_dtype)
-    model.save_pretrained(root)
+    model.save_pretrained(path)
     del model
+    release_memory(device)
+    done.touch()
+    return path
+
+
+def release_memory(device: str) -> None:
+    """Give memory of dropped objects (an engine, a model) back before the next one loads.
+
+    Engines hold reference cycles, so ``del`` alone leaves their weights, KV cache and
+    CUDA-graph pools allocated until the cycle collector runs.
+    """
+    gc.collect()
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    return root
 
 
 def param_bytes(name: str, dtype_bytes: int = 2) -> int:
@@ -104,6 +132,18 @@ def param_bytes(name: str, dtype_bytes: int = 2) -> int:
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
     emb = v * h * (1 if c["tie_word_embeddings"] else 2)
     return (layers * per_layer + emb + h) * dtype_bytes
+
+
+def decode_weight_bytes(name: str, dtype_bytes: int = 2) -> int:
+    """Bytes of weights one decode step reads from memory.
+
+    Every parameter once, except the input embedding table of an untied model: a step
+    reads only its batch's rows of it (the LM head, which has the same shape, is read
+    whole). Tied embeddings are one matrix, read whole as the LM head.
+    """
+    c = MODEL_CONFIGS[name]
+    untied_input_embedding = 0 if c["tie_word_embeddings"] else c["vocab_size"] * c["hidden_size"]
+    return param_bytes(name, dtype_bytes) - untied_input_embedding * dtype_bytes
 
 
 def kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:
@@ -136,7 +176,10 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     nbytes = min(nbytes, 1 << 24) if device == "cpu" else nbytes
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / time_fn(lambda: dst.copy_(src), device)
+    seconds = time_fn(lambda: dst.copy_(src), device)
+    del src, dst
+    release_memory(device)
+    return 2 * nbytes / seconds
 
 
 def gemm_peak(device: str, dtype: str, n: int = 8192) -> float:
@@ -144,7 +187,10 @@ def gemm_peak(device: str, dtype: str, n: int = 8192) -> float:
     n = min(n, 512) if device == "cpu" else n
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     b = torch.randn_like(a)
-    return 2 * n**3 / time_fn(lambda: a @ b, device)
+    seconds = time_fn(lambda: a @ b, device)
+    del a, b
+    release_memory(device)
+    return 2 * n**3 / seconds
 
 
 def device_info(device: str) -> dict[str, Any]:

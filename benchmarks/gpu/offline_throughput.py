@@ -13,7 +13,10 @@ import time
 
 import torch
 
-from common import MODEL_CONFIGS, base_parser, build_model_dir, make_engine, random_prompt, setup, sync, write_results
+from common import (
+    MODEL_CONFIGS, base_parser, build_model_dir, make_engine, random_prompt, release_memory, setup, sync,
+    write_results,
+)
 
 
 def engine_throughput(model_dir, env, prompts: list[list[int]], output_len: int) -> float:
@@ -32,6 +35,8 @@ def engine_throughput(model_dir, env, prompts: list[list[int]], output_len: int)
     elapsed = time.perf_counter() - t0
     if any(len(o.token_ids) != output_len for o in outs):
         raise RuntimeError("engine stopped early despite ignore_eos")
+    del eng
+    release_memory(env["device"])  # transformers loads the same weights next, on the same GPU
     return len(prompts) * output_len / elapsed
 
 
@@ -49,7 +54,8 @@ def hf_throughput(model_dir, env, prompts: list[list[int]], output_len: int) -> 
     sync(env["device"])
     elapsed = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + output_len
-    del model
+    del model, out
+    release_memory(env["device"])
     return len(prompts) * output_len / elapsed
 
 
@@ -68,8 +74,6 @@ def main() -> None:
         vocab = MODEL_CONFIGS[name]["vocab_size"]
         prompts = [random_prompt(args.prompt_len, vocab, seed=i) for i in range(args.num_requests)]
         ours = engine_throughput(model_dir, env, prompts, args.output_len)
-        if env["device"] == "cuda":
-            torch.cuda.empty_cache()
         theirs = hf_throughput(model_dir, env, prompts, args.output_len)
         row = dict(model=name, num_requests=args.num_requests, prompt_len=args.prompt_len,
                    output_len=args.output_len, engine_tok_s=ours, hf_generate_tok_s=theirs,

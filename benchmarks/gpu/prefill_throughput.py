@@ -13,7 +13,7 @@ import time
 
 from common import (
     MODEL_CONFIGS, base_parser, build_model_dir, gemm_peak, make_engine, param_bytes,
-    random_prompt, setup, sync, write_results,
+    random_prompt, release_memory, setup, sync, write_results,
 )
 
 
@@ -72,6 +72,7 @@ def main() -> None:
               f"{row['peak_fraction']:.2f} of GEMM peak")
         rows.append(row)
         del eng
+        release_memory(env["device"])  # the next model needs this one's memory
     write_results("prefill_throughput", args, {**env, "gemm_peak_tflops": peak / 1e12}, rows)
 
 

@@ -8,7 +8,9 @@ and recomputes only the last token. ``speedup`` = cold TTFT / cached TTFT.
 
 from __future__ import annotations
 
-from common import MODEL_CONFIGS, base_parser, build_model_dir, make_engine, random_prompt, setup, write_results
+from common import (
+    MODEL_CONFIGS, base_parser, build_model_dir, make_engine, random_prompt, release_memory, setup, write_results,
+)
 from prefill_throughput import ttft
 
 
@@ -39,6 +41,7 @@ def main() -> None:
         print(f"{name}: cold {row['cold_ms']:.1f} ms, cached {row['cached_ms']:.1f} ms -> x{row['speedup']:.1f}")
         rows.append(row)
         del eng
+        release_memory(env["device"])  # the next model needs this one's memory
     write_results("ttft_cached", args, env, rows)
 
 
