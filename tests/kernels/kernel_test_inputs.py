@@ -28,7 +28,7 @@ class Case:
         return {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}[self.dtype]
 
 
-def _interpreter_usable() -> bool:
+def interpreter_usable() -> bool:
     """Whether Triton's interpreter can run kernels in this process.
 
     Triton's standard library (``tl.zeros``, ``tl.cdiv``, ``tl.max``...) is wrapped for the
@@ -44,13 +44,14 @@ def _interpreter_usable() -> bool:
     return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
-_NEEDS_INTERPRETER = pytest.mark.skipif(
-    not _interpreter_usable(), reason="triton was imported without TRITON_INTERPRET=1 (GPU machine)"
+# For tests that run kernels interpreted outside the `case` fixture (engine parity runs...).
+NEEDS_INTERPRETER = pytest.mark.skipif(
+    not interpreter_usable(), reason="triton was imported without TRITON_INTERPRET=1 (GPU machine)"
 )
 
 CASES = [
-    pytest.param(Case("cpu", torch.float32), id="interp-fp32", marks=_NEEDS_INTERPRETER),
-    pytest.param(Case("cpu", torch.float16), id="interp-fp16", marks=_NEEDS_INTERPRETER),
+    pytest.param(Case("cpu", torch.float32), id="interp-fp32", marks=NEEDS_INTERPRETER),
+    pytest.param(Case("cpu", torch.float16), id="interp-fp16", marks=NEEDS_INTERPRETER),
     pytest.param(Case("cuda", torch.bfloat16), id="cuda-bf16", marks=pytest.mark.gpu),
     pytest.param(Case("cuda", torch.float16), id="cuda-fp16", marks=pytest.mark.gpu),
 ]
