@@ -17,6 +17,7 @@ import kernels.rotary
 from engine import LLMEngine, SamplingParams
 from engine.model_runner import resolve_fused_kernels
 from tests.engine.tiny_models import make_tiny_model
+from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
 
 _KERNELS = (
     (kernels.rms_norm, "fused_add_rms_norm"),
@@ -43,6 +44,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@NEEDS_INTERPRETER
 def test_fused_greedy_tokens_match_unfused(arch, tmp_path, monkeypatch, kernel_calls):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model_dir = make_tiny_model(arch, tmp_path, with_tokenizer=False)

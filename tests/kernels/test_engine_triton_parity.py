@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import LLMEngine, SamplingParams
+from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.mark.slow
+@NEEDS_INTERPRETER
 def test_greedy_tokens_match_torch_backend(tiny_llama, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 8], [9, 8, 7]]

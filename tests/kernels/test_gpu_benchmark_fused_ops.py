@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
+
 NAME = "fused_ops"
 GPU_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
@@ -33,6 +35,7 @@ def test_help_mentions_smoke(script, monkeypatch, capsys):
     assert "--smoke" in capsys.readouterr().out
 
 
+@NEEDS_INTERPRETER
 def test_smoke_run_writes_a_row_per_op_and_size(script, monkeypatch, tmp_path, capsys):
     out = tmp_path / "fused_ops.json"
     monkeypatch.setattr(sys, "argv", [NAME, "--smoke", "--out", str(out)])

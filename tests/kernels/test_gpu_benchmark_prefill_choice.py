@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
+
 NAME = "prefill_attention_choice"
 GPU_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
@@ -34,6 +36,7 @@ def test_help_mentions_smoke(script, monkeypatch, capsys):
     assert "--smoke" in capsys.readouterr().out
 
 
+@NEEDS_INTERPRETER
 def test_smoke_run_writes_a_row_per_scenario(script, monkeypatch, tmp_path, capsys):
     out = tmp_path / "prefill_choice.json"
     monkeypatch.setattr(sys, "argv", [NAME, "--smoke", "--out", str(out)])
