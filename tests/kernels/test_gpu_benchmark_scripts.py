@@ -77,3 +77,20 @@ def test_decode_roofline_smoke_run(monkeypatch, tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["batch"], r["context"]) for r in rows] == [(1, 64), (4, 64)]
     assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_transfer_bandwidth_smoke_moves_blocks_through_the_kvferry_transport(tmp_path):
+    # A subprocess, as a user runs it: the script spawns the receiving process itself.
+    import subprocess
+
+    out = tmp_path / "transfer.json"
+    proc = subprocess.run(
+        [sys.executable, str(GPU_DIR / "transfer_bandwidth.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    transfers = [r for r in rows if r["op"] == "transfer"]
+    # One real transfer row per size, carried by the backend serving would pick on CPU.
+    assert [(r["num_blocks"], r["impl"]) for r in transfers] == [(4, "kvferry gloo"), (16, "kvferry gloo")]
+    assert all(r["gb_s"] > 0 for r in transfers)
