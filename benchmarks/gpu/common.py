@@ -64,6 +64,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: check the script runs")
     p.add_argument("--models", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"], choices=sorted(MODEL_CONFIGS))
     p.add_argument("--backend", default="triton", help="engine attention backend (triton, flash_attn, torch)")
+    p.add_argument(
+        "--fused-kernels", default="auto", choices=["auto", "on", "off"],
+        help="engine fused RMSNorm/rope Triton kernels (EngineConfig.fused_kernels)",
+    )
+    p.add_argument(
+        "--prefill-attention", default="auto", choices=["auto", "triton", "sdpa"],
+        help="prefill path of the triton backend (EngineConfig.prefill_attention)",
+    )
     p.add_argument("--out", type=Path, default=None, help="result JSON (default results/<name>.json)")
     return p
 
@@ -72,10 +80,13 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Device, dtype and backend for this run (the smoke mode forces CPU/fp32/torch)."""
     if args.smoke:
         args.models = ["tiny"]
-        return {"device": "cpu", "dtype": "float32", "backend": "torch"}
+        return {"device": "cpu", "dtype": "float32", "backend": "torch", "fused_kernels": "off",
+                "prefill_attention": "auto"}
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (use --smoke to check it on CPU)")
-    return {"device": "cuda", "dtype": "bfloat16", "backend": args.backend}
+    return {"device": "cuda", "dtype": "bfloat16", "backend": args.backend,
+            "fused_kernels": getattr(args, "fused_kernels", "auto"),
+            "prefill_attention": getattr(args, "prefill_attention", "auto")}
 
 
 def hf_config(name: str) -> Any:
@@ -214,8 +225,10 @@ def make_engine(model_dir: Path, env: dict[str, Any], **options: Any) -> Any:
     """An LLMEngine on the benchmark's device/dtype/backend."""
     from engine import LLMEngine
 
+    kernels = {k: env[k] for k in ("fused_kernels", "prefill_attention") if k in env}
     return LLMEngine.from_pretrained(
-        str(model_dir), dtype=env["dtype"], device=env["device"], attention_backend=env["backend"], **options
+        str(model_dir), dtype=env["dtype"], device=env["device"], attention_backend=env["backend"],
+        **{**kernels, **options},
     )
 
 

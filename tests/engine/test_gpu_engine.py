@@ -49,11 +49,21 @@ def _prompts(seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 250) for _ in range(n)] for n in (37, 5, 16, 23, 48, 9, 30)]
 
 
-def _run_engine(path, dtype: str, enforce_eager: bool) -> tuple[LLMEngine, dict[int, list[int]], dict[int, torch.Tensor]]:
+# Kernel choices checked against transformers: the defaults (torch norm/rope ops, SDPA for
+# fresh prefills on CUDA) and every Triton kernel (fused norm/rope, the varlen prefill kernel).
+KERNEL_CHOICES = {
+    "default": {},
+    "all-triton": {"fused_kernels": "on", "prefill_attention": "triton"},
+}
+
+
+def _run_engine(
+    path, dtype: str, enforce_eager: bool, **options
+) -> tuple[LLMEngine, dict[int, list[int]], dict[int, torch.Tensor]]:
     """Generate greedily; return the engine, tokens and the logits every sample saw, by request."""
     eng = LLMEngine.from_pretrained(
         str(path), device="cuda", dtype=dtype, attention_backend="triton", enforce_eager=enforce_eager,
-        block_size=16, num_kv_blocks=128, max_num_seqs=16,
+        block_size=16, num_kv_blocks=128, max_num_seqs=16, **options,
     )
     logits_seen: dict[int, list[torch.Tensor]] = defaultdict(list)
     sample = eng.runner.sampler.sample
@@ -100,12 +110,19 @@ def _check_against(ref: dict[int, torch.Tensor], tokens, logits, dtype: str) -> 
         assert worst <= tie, f"request {i}: greedy token {worst:.4f} below the best logit"
 
 
+@pytest.mark.parametrize("kernels", sorted(KERNEL_CHOICES))
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_greedy_parity_with_transformers(arch: str, dtype: str, enforce_eager: bool, tiny_model_dir) -> None:
+def test_greedy_parity_with_transformers(
+    arch: str, dtype: str, enforce_eager: bool, kernels: str, tiny_model_dir
+) -> None:
     path = tiny_model_dir(arch)
-    eng, tokens, logits = _run_engine(path, dtype, enforce_eager)
+    eng, tokens, logits = _run_engine(path, dtype, enforce_eager, **KERNEL_CHOICES[kernels])
+    assert eng.runner.fused_kernels is (kernels == "all-triton")
+    assert eng.runner.backend.resolved_prefill_attention(torch.device("cuda")) == (
+        "triton" if kernels == "all-triton" else "sdpa"
+    )
     assert sorted(tokens) == list(range(len(MAX_TOKENS) + 1))
     assert [len(tokens[i]) for i in range(len(MAX_TOKENS))] == list(MAX_TOKENS)
     if enforce_eager:
