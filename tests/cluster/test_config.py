@@ -66,3 +66,16 @@ def test_the_documented_yaml_example_is_valid(tmp_path) -> None:
     p.write_text(block)
     cfg = ServeConfig.from_yaml(p)
     assert cfg.cache.local_prefill_threshold == 64 and cfg.transport.backend == "auto"
+
+
+def test_every_yaml_example_in_the_serving_docs_is_a_valid_config():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2  # the CPU example and the GPU one
+    for block in blocks:
+        ServeConfig.model_validate(yaml.safe_load(block))
