@@ -8,7 +8,9 @@ in bf16 and fp16. ``kernels.launch.lazy_jit`` picks the mode at launch time, so 
 
 from __future__ import annotations
 
+import importlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +39,14 @@ def case(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Cas
 def compiled_mode_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton in compiled mode on a CPU-only tensor: launches must be refused clearly."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+GPU_BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
+
+
+@pytest.fixture
+def gpu_benchmark(monkeypatch: pytest.MonkeyPatch):
+    """Import a ``benchmarks/gpu`` script by module name, the interpreter on for its smoke run."""
+    monkeypatch.syspath_prepend(str(GPU_BENCH_DIR))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # monkeypatch restores it afterwards
+    return importlib.import_module

@@ -1,4 +1,4 @@
-"""benchmarks/gpu/prefill_attention_choice.py: --help, and its --smoke run on CPU end to end.
+"""benchmarks/gpu/prefill_attention_choice.py: its --smoke run on CPU end to end (--help: test_gpu_benchmark_scripts).
 
 The smoke run builds every scenario with tiny shapes, runs the Triton prefill kernel under
 the interpreter and both SDPA variants (fresh prompts; gathered context with a bottom-right
@@ -7,33 +7,19 @@ causal bias), checks they agree and writes the result JSON.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
 
 NAME = "prefill_attention_choice"
-GPU_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
 
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(GPU_DIR))
-    # The smoke mode switches the interpreter on; monkeypatch restores the variable after.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return importlib.import_module(NAME)
-
-
-def test_help_mentions_smoke(script, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [NAME, "--help"])
-    with pytest.raises(SystemExit) as exc:
-        script.main()
-    assert exc.value.code == 0
-    assert "--smoke" in capsys.readouterr().out
+def script(gpu_benchmark):
+    return gpu_benchmark(NAME)
 
 
 @NEEDS_INTERPRETER

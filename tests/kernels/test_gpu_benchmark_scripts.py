@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = ["decode_roofline", "prefill_throughput", "offline_throughput", "transfer_bandwidth", "ttft_cached"]
+SCRIPTS = [
+    "decode_roofline", "prefill_throughput", "offline_throughput", "transfer_bandwidth", "ttft_cached",
+    "fused_ops", "prefill_attention_choice",
+]
 GPU_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
 
