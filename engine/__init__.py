@@ -8,11 +8,13 @@ No Ray in here. The public API (docs/engine-api.md)::
 """
 
 from engine.config import EngineConfig
+from engine.errors import ContextLengthExceeded
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, KVExport, RemotePrefillPlan, RequestOutput
 from engine.sampling_params import SamplingParams
 
 __all__ = [
+    "ContextLengthExceeded",
     "EngineConfig",
     "EngineStats",
     "KVExport",

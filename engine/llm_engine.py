@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from engine.block_pool import BlockPool
 from engine.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from engine.errors import ContextLengthExceeded
 from engine.detokenizer import StopChecker
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_events import CacheSnapshot, KVEventBatch
@@ -25,8 +27,16 @@ from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import resolve_dtype
 from engine.outputs import EngineStats, KVExport, RemotePrefillPlan, RequestOutput
 from engine.request import Request, RequestStatus
+from engine.sampler import SamplingFailure
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import PromptTokenizer
+
+logger = logging.getLogger(__name__)
+
+# A forward pass that fails this many steps in a row means the engine itself is broken
+# (e.g. a CUDA error that poisons the context): step() raises and the replica is replaced.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class LLMEngine:
@@ -88,6 +98,8 @@ class LLMEngine:
         self._exports: dict[str, tuple[Request, float]] = {}
         self._event_seq_no = 0
         self._ids = itertools.count()
+        self._consecutive_step_failures = 0
+        self._prompt_tokenizer: PromptTokenizer | None = None
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -114,18 +126,21 @@ class LLMEngine:
         return cls(net, model_config, tokenizer, config, model_id)
 
     # ---------------------------------------------------------------- tokens
-    def encode(self, text: str) -> list[int]:
+    @property
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """The one tokenization path (also used by the serving ingress)."""
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_id!r} has no tokenizer: send token ids instead of text")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if self._prompt_tokenizer is None:
+            self._prompt_tokenizer = PromptTokenizer(self.tokenizer, self.max_model_len)
+        return self._prompt_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.prompt_tokenizer.encode_text(text)
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own chat template."""
-        from engine.tokenizer import encode_chat  # noqa: PLC0415
-
-        if self.tokenizer is None:
-            raise ValueError(f"model {self.model_id!r} has no tokenizer and hence no chat template")
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return self.prompt_tokenizer.encode_chat(messages, add_generation_prompt)
 
     # -------------------------------------------------------------- requests
     def add_request(
@@ -147,10 +162,13 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"{len(ids) + params.max_tokens} exceeds this model's context of {self.max_model_len} tokens"
+                f"{len(ids) + params.max_tokens} exceeds this model's context of {self.max_model_len} tokens",
+                max_model_len=self.max_model_len,
             )
         ttl = params.cache_ttl_s if params.cache_ttl_s is not None else self.config.default_ttl_s
         if ttl > self.config.max_ttl_s:
@@ -191,22 +209,82 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return the outputs of requests that progressed."""
+        """Run one scheduler step; return the outputs of requests that progressed.
+
+        Failures are contained: a request whose token cannot be sampled, detokenized or
+        checked finishes with ``finish_reason="error"`` while the rest of the batch goes
+        on; a failed forward pass fails that step's requests only. Only repeated forward
+        failures (a broken engine) raise from here.
+        """
         now = self.clock()
         self._expire_leases(now)
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule(now)
         if sched.num_tokens == 0:
             return outputs
-        tokens = self.runner.execute(sched)
+        try:
+            tokens = self.runner.execute(sched)
+        except Exception as e:  # noqa: BLE001 - contained below, re-raised when persistent
+            return outputs + self._fail_step(sched, e, now)
+        self._consecutive_step_failures = 0
         self.scheduler.commit(sched, now)
         sampled = [c.request for c in sched.chunks if c.samples]
         for req, token in zip(sampled, tokens, strict=True):
-            self._append_token(req, token, now)
-            outputs.append(self._output(req))
-            if req.status.finished:
-                self._forget(req)
+            outputs.append(self._advance(req, token, now))
         return outputs
+
+    def _advance(self, req: Request, token: int | SamplingFailure, now: float) -> RequestOutput:
+        """Append one sampled token to ``req`` and build its output; failures fail ``req`` alone."""
+        try:
+            if isinstance(token, SamplingFailure):
+                raise _RequestFailed(token.message)
+            self._append_token(req, token, now)
+            out = self._output(req)
+        except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+            if isinstance(e, _RequestFailed):
+                message = str(e)
+            else:
+                logger.exception("request %s failed while generating", req.request_id)
+                message = "internal error while generating this request"
+            out = self._fail_request(req, message, now)
+        if req.status.finished:
+            self._forget(req)
+        return out
+
+    def _fail_step(self, sched: SchedulerOutput, error: Exception, now: float) -> list[RequestOutput]:
+        """The forward pass failed: fail the requests of this step, keep the engine serving."""
+        self._consecutive_step_failures += 1
+        if self._consecutive_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise RuntimeError(f"{self._consecutive_step_failures} forward passes failed in a row") from error
+        logger.exception("forward pass failed; failing the %d request(s) of this step", len(sched.chunks))
+        outputs = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            outputs.append(self._fail_request(req, "internal error while computing this request", now))
+            self._forget(req)
+        return outputs
+
+    def _fail_request(self, req: Request, message: str, now: float) -> RequestOutput:
+        """Finish ``req`` with ``FINISHED_ERROR`` (freeing or un-leasing its blocks)."""
+        req.error = message
+        if req.request_id in self._exports:
+            self.release_kv_export(req.request_id)
+        elif not req.status.finished:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, now)
+        req.status = RequestStatus.FINISHED_ERROR
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            new_token_ids=[],
+            text="",
+            new_text="",
+            finished=True,
+            finish_reason=req.status.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            error=message,
+        )
 
     def generate(
         self,
@@ -390,3 +468,7 @@ class LLMEngine:
         n = self.pool.num_blocks
         if any(not 0 <= b < n for b in block_ids):
             raise ValueError(f"block ids must be in [0, {n})")
+
+
+class _RequestFailed(Exception):
+    """Raised inside ``_advance`` for a failure whose message is already client-safe."""

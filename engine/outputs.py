@@ -49,7 +49,7 @@ class RequestOutput:
     # Text added since the previous output of this request.
     new_text: str
     finished: bool
-    # "stop", "length", "abort" or None while running.
+    # "stop", "length", "abort", "error" or None while running.
     finish_reason: str | None
     num_prompt_tokens: int
     # Prompt tokens served from the prompt cache instead of computed.
@@ -58,6 +58,8 @@ class RequestOutput:
     kv_export: KVExport | None = None
     # Decode role: True when this replica prefilled the prompt itself.
     prefilled_locally: bool = False
+    # finish_reason "error": what failed for this request alone (a message, never a trace).
+    error: str | None = None
 
 
 @dataclass

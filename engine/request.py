@@ -24,6 +24,8 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
+    # Something failed while serving this request alone (see Request.error); the others go on.
+    FINISHED_ERROR = "finished_error"
 
     @property
     def finished(self) -> bool:
@@ -38,11 +40,13 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -80,6 +84,8 @@ class Request:
     text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
+    # Why the request failed (status FINISHED_ERROR): a message for the client, no trace.
+    error: str | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

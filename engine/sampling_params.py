@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a
+# smaller number overflows, and the distribution is argmax to within float precision.
+GREEDY_TEMPERATURE = 1e-5
+# OpenAI's range for a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -11,7 +18,7 @@ class SamplingParams:
 
     # Most tokens to generate (the prompt is not counted).
     max_tokens: int = 16
-    # 0 means greedy (argmax); otherwise logits are divided by it.
+    # 0 (or anything below GREEDY_TEMPERATURE) means greedy; otherwise logits are divided by it.
     temperature: float = 1.0
     # Nucleus sampling: keep the smallest set of tokens whose probability mass >= top_p.
     top_p: float = 1.0
@@ -29,14 +36,16 @@ class SamplingParams:
     cache_ttl_s: float | None = None
     # Tenant salt folded into the block hashes: tenants never share cached blocks.
     cache_salt: str | None = None
+    # Added to the logits of these token ids before sampling (OpenAI logit_bias, -100..100).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -45,7 +54,12 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.cache_ttl_s is not None and self.cache_ttl_s <= 0:
             raise ValueError(f"cache_ttl_s must be positive, got {self.cache_ttl_s}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
