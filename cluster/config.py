@@ -138,6 +138,23 @@ class HttpConfig(_Strict):
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="Decode replicas fall back to local prefill after waiting this long."
     )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="Request bodies larger than this get 413 before they are parsed."
+    )
+
+
+class FailoverConfig(_Strict):
+    """How decode replicas notice that the prefill pool is down (and prefill locally meanwhile)."""
+
+    suspect_after_s: float = Field(
+        0.5, gt=0, description="A prefill call unanswered this long makes decode replicas probe the pool."
+    )
+    probe_timeout_s: float = Field(
+        1.0, gt=0, description="A probe unanswered this long marks the pool down: requests prefill locally."
+    )
+    probe_interval_s: float = Field(
+        1.0, gt=0, description="While the pool is down, probe it this often; the first answer brings it back."
+    )
 
 
 class ServeConfig(_Strict):
@@ -161,6 +178,9 @@ class ServeConfig(_Strict):
     )
     transport: TransportConfig = Field(default_factory=TransportConfig, description="KV transport.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP front and timeouts.")
+    failover: FailoverConfig = Field(
+        default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
+    )
     request_router: Literal["default", "kvferry"] = Field(
         "default", description="Serve's default routing or kvferry's cache-affinity RequestRouters."
     )

@@ -1,13 +1,11 @@
 """The decode pool (and the colocated ``mixed`` pool): replicas that orchestrate and stream.
 
 A decode replica owns the request from the ingress onward (Ray Serve LLM's pattern): it
-tokenizes, hands the prompt to its engine with ``remote_prefill=True``; the engine looks
+hands the prompt's token ids to its engine with ``remote_prefill=True``; the engine looks
 up the local prefix cache, reserves blocks and either prefills locally (few uncached
-tokens) or emits a remote-prefill plan. For each plan this replica asks the prefill pool
-for only the missing blocks, receives them over the KV transport, writes them into the
-reserved blocks and resumes the request with the prefill replica's first token. Any
-failure on that path (pool down, timeout, transfer error) makes the engine recompute the
-prompt locally: the client sees only latency.
+tokens) or emits a remote-prefill plan, which ``cluster.remote_prefill.RemotePrefill``
+carries out (or turns into a local recompute on any failure). While the prefill pool is
+down, requests prefill locally from the start.
 
 With no prefill pool (``mixed`` role) the same class serves whole requests itself.
 
@@ -19,7 +17,6 @@ refused.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,15 +26,14 @@ from ray import serve
 
 from cluster.config import ServeConfig
 from cluster.engine_loop import EngineDeadError, EngineLoop
-from cluster.errors import CONTEXT_LENGTH_EXCEEDED, DECODE_POOL_UNAVAILABLE
+from cluster.errors import CONTEXT_LENGTH_EXCEEDED, DECODE_POOL_UNAVAILABLE, INTERNAL_ERROR
 from cluster.metrics import ReplicaMetrics, publish_engine_stats
-from cluster.replica import build_transport, limit_threads, replica_id, run_blocking
+from cluster.prefill_health import HealthSettings
+from cluster.remote_prefill import LOCAL, RemotePrefill
+from cluster.replica import build_transport, limit_threads, replica_id
 from cluster.routing import EventPump, routing_hints, routing_stats
-from cluster.transport import TransferError, dtype_from_str
 
 logger = logging.getLogger(__name__)
-
-LOCAL = "local"
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -62,7 +58,7 @@ class DecodeServer:
         self.loop = EngineLoop(
             lambda: LLMEngine.from_pretrained(self.cfg.model.model, **opts),
             name=f"{self.role}-loop",
-            on_plans=self._on_plans if prefill is not None else None,
+            on_plans=(lambda plans: self.remote.on_plans(plans)) if prefill is not None else None,
             on_events=(lambda batch: self._pump.on_events(batch)) if self.kvferry_routing else None,
         )
         # KV events feed the pool's directory only when kvferry's routers use it.
@@ -72,33 +68,40 @@ class DecodeServer:
         self.model_id: str = eng.model_id
         self.max_model_len: int = eng.max_model_len
         self.block_size: int = eng.block_size
-        self.transport = build_transport(self.cfg, self.role, self.replica_id) if prefill else None
-        self._transfer_ids = itertools.count(1)
-        # request id -> which prefill replica served it ("local" until a remote prefill lands).
-        self._origin: dict[str, str] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._inject_failures = 0
-        self.num_remote_prefills = 0
-        self.num_transfer_failures = 0
+        self.vocab_size: int = eng.model_config.vocab_size
         self.metrics = ReplicaMetrics()
         self._metrics_task: asyncio.Task | None = None
+        self.remote: RemotePrefill | None = None
+        if prefill is not None:
+            f = self.cfg.failover
+            self.remote = RemotePrefill(
+                PrefillPoolClient(prefill),
+                build_transport(self.cfg, self.role, self.replica_id),
+                self.loop,
+                self.metrics,
+                call_timeout_s=self.cfg.http.prefill_timeout_s,
+                transfer_timeout_s=self.cfg.transport.transfer_timeout_s,
+                health=HealthSettings(f.suspect_after_s, f.probe_timeout_s, f.probe_interval_s),
+                hints=self._prefill_hints if self.kvferry_routing else None,
+            )
 
     # ------------------------------------------------------------------ API
 
     async def model_info(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "max_model_len": self.max_model_len, "block_size": self.block_size}
+        return {"model_id": self.model_id, "max_model_len": self.max_model_len, "block_size": self.block_size,
+                "vocab_size": self.vocab_size}
 
     async def generate(self, req: dict[str, Any], hints: Any = None) -> AsyncIterator[dict[str, Any]]:
         """Stream one request. ``req``: ``request_id``, ``params`` (SamplingParams kwargs,
-        ``max_tokens`` may be None) and ``prompt_token_ids`` or one of ``messages`` /
-        ``prompt`` (text or ids). ``hints`` are for this pool's RequestRouter."""
-        from engine import SamplingParams
+        ``max_tokens`` may be None), ``prompt_token_ids`` (the ingress tokenizes) and
+        ``prompt_param`` (the API field errors name). ``hints`` are for this pool's RequestRouter."""
+        from engine import ContextLengthExceeded, SamplingParams
 
         rid = req["request_id"]
         t0 = time.monotonic()
         self._ensure_metrics_task()
         try:
-            prompt_ids = await self.loop.call(lambda eng: _tokenize(eng, req))
+            prompt_ids = [int(t) for t in req["prompt_token_ids"]]
             kw = dict(req["params"])
             if kw.get("max_tokens") is None:
                 room = self.max_model_len - len(prompt_ids)
@@ -107,17 +110,20 @@ class DecodeServer:
                 # Providers clamp long retention requests ("24h") to what they offer.
                 kw["cache_ttl_s"] = min(float(kw["cache_ttl_s"]), self.cfg.cache.max_ttl_s)
             params = SamplingParams(**kw)
-            self._origin[rid] = LOCAL
-            stream = await self.loop.add_request(rid, prompt_ids, params, remote_prefill=self.role == "decode")
+            # While the prefill pool is down, requests prefill here from the start.
+            remote = self.remote is not None and self.remote.available()
+            if self.remote is not None:
+                self.remote.begin(rid)
+            stream = await self.loop.add_request(rid, prompt_ids, params, remote_prefill=remote)
         except ValueError as e:
-            self._origin.pop(rid, None)
-            msg = str(e)
-            code = CONTEXT_LENGTH_EXCEEDED if "context" in msg else None
-            yield _error(400, msg, code, "messages" if "messages" in req else "prompt")
+            self._forget(rid)
+            code = CONTEXT_LENGTH_EXCEEDED if isinstance(e, ContextLengthExceeded) else None
+            yield _error(400, str(e), code, req.get("prompt_param", "prompt"))
             return
         except EngineDeadError as e:
-            self._origin.pop(rid, None)
-            yield _error(503, f"decode replica unavailable: {e}", DECODE_POOL_UNAVAILABLE)
+            self._forget(rid)
+            logger.warning("request %s refused: %r", rid, e)
+            yield _error(503, "the decode replica is restarting, retry later", DECODE_POOL_UNAVAILABLE)
             return
         last_t: float | None = None
         try:
@@ -129,6 +135,9 @@ class DecodeServer:
                 if out.finished:
                     self.metrics.e2e.observe(now - t0)
                     self.metrics.finished(out.finish_reason, out.num_prompt_tokens, len(out.token_ids))
+                if out.error is not None:  # this request alone failed; the engine serves on
+                    yield _error(500, f"generation failed: {out.error}", INTERNAL_ERROR)
+                    return
                 yield {
                     "new_text": out.new_text,
                     "new_token_ids": list(out.new_token_ids),
@@ -137,13 +146,18 @@ class DecodeServer:
                     "prompt_tokens": out.num_prompt_tokens,
                     "completion_tokens": len(out.token_ids),
                     "cached_tokens": out.num_cached_tokens,
-                    "prefill_replica": self._origin.get(rid, LOCAL),
+                    "prefill_replica": self.remote.origin(rid) if self.remote is not None else LOCAL,
                     "decode_replica": self.replica_id,
                 }
         except EngineDeadError as e:
-            yield _error(503, f"decode replica failed: {e}", DECODE_POOL_UNAVAILABLE)
+            logger.error("request %s lost its decode engine: %r", rid, e)
+            yield _error(503, "the decode replica serving this request failed, retry later", DECODE_POOL_UNAVAILABLE)
         finally:
-            self._origin.pop(rid, None)
+            self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        if self.remote is not None:
+            self.remote.forget(rid)
 
     async def stats(self) -> dict[str, Any]:
         s = await self.loop.call(lambda eng: eng.stats())
@@ -156,15 +170,16 @@ class DecodeServer:
             "kv_usage": s.kv_usage,
             "prefix_cache_queries": s.prefix_cache_queries,
             "prefix_cache_hits": s.prefix_cache_hits,
-            "num_remote_prefills": self.num_remote_prefills,
-            "num_transfer_failures": self.num_transfer_failures,
+            "num_remote_prefills": self.remote.num_remote_prefills if self.remote else 0,
+            "num_transfer_failures": self.remote.num_transfer_failures if self.remote else 0,
         }
 
     async def inject_transfer_failures(self, count: int) -> None:
         """Fault injection (operators' chaos drills, tests): for the next ``count`` remote
         prefills this replica waits for a transfer that never comes, exercising the
         transfer timeout, the pair re-forming and the local recompute end to end."""
-        self._inject_failures = count
+        if self.remote is not None:
+            self.remote.inject_failures(count)
 
     def _ensure_metrics_task(self) -> None:
         if self._metrics_task is None:
@@ -185,98 +200,25 @@ class DecodeServer:
         if not self.loop.alive:
             raise RuntimeError(f"{self.role} engine loop is dead")
 
-    # ------------------------------------------------------------------ remote prefill
 
-    def _on_plans(self, plans: list[Any]) -> None:
-        for plan in plans:
-            task = asyncio.get_running_loop().create_task(self._remote_prefill(plan))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+class PrefillPoolClient:
+    """The prefill pool's Serve handle as a :class:`cluster.remote_prefill.PrefillPool`."""
 
-    async def _remote_prefill(self, plan: Any) -> None:
-        rid = plan.request_id
-        assert self.transport is not None and self.prefill is not None
-        tid = next(self._transfer_ids)
-        t0 = time.monotonic()
-        drop = self._inject_failures > 0
-        if drop:
-            self._inject_failures -= 1
-        try:
-            endpoint = self.transport.listen()
-            resp = await asyncio.wait_for(
-                self.prefill.prefill.remote(
-                    {
-                        "request_id": rid,
-                        "prompt_token_ids": plan.prompt_token_ids,
-                        "params": _params_dict(plan.params),
-                        "first_block_index": plan.first_block_index,
-                        "endpoint": endpoint.__dict__,
-                        "transfer_id": tid,
-                    },
-                    hints=self._prefill_hints(plan),
-                ),
-                timeout=self.cfg.http.prefill_timeout_s,
-            )
-            if "error" in resp:
-                raise TransferError(f"prefill replica refused: {resp['error']}")
-            shape = tuple(resp["shape"])
-            if shape[2] != len(plan.block_ids):
-                raise TransferError(f"prefill sent {shape[2]} blocks, {len(plan.block_ids)} expected")
-            # Fault injection waits for a transfer id nobody sends: the real timeout path.
-            recv_tid = tid + (1 << 29) if drop else tid
-            buf = await run_blocking(
-                self.transport.recv, resp["group_id"], recv_tid, shape, dtype_from_str(resp["dtype"]),
-                self.cfg.transport.transfer_timeout_s, resp.get("backend") or None,
-            )
-            cached = max(plan.num_local_cached_tokens, int(resp["num_cached_tokens"]))
-            first = int(resp["first_token_id"])
-            # The origin must be set before the first output can be dispatched.
-            self._origin[rid] = resp["replica_id"]
-            landed = await self.loop.call(lambda eng: _land(eng, plan, buf, first, cached))
-            if landed:
-                self.num_remote_prefills += 1
-                self.metrics.inc("kvferry_remote_prefills_total")
-                self.metrics.inc("kvferry_kv_transfer_bytes_total", buf.numel() * buf.element_size())
-                self.metrics.transfer_s.observe(time.monotonic() - t0)
-        except Exception as e:  # noqa: BLE001 - pool down, timeout, transfer error: recompute
-            self.num_transfer_failures += 1
-            self.metrics.inc("kvferry_kv_transfer_failures_total")
-            logger.warning("remote prefill of %s failed (%s); recomputing locally", rid, e)
-            if rid in self._origin:
-                self._origin[rid] = LOCAL
-            try:
-                await self.loop.call(lambda eng: eng.fail_remote_prefill(rid))
-            except EngineDeadError:
-                pass
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def prefill(self, request: dict[str, Any], hints: Any) -> dict[str, Any]:
+        return await _cancel_on_exit(self._handle.prefill.remote(request, hints=hints))
+
+    async def ping(self) -> None:
+        await _cancel_on_exit(self._handle.ping.remote())
 
 
-def _tokenize(eng: Any, req: dict[str, Any]) -> list[int]:
-    """Prompt token ids from chat messages, a text prompt or ids (runs on the loop thread)."""
-    if req.get("prompt_token_ids") is not None:  # the ingress tokenized (kvferry routing)
-        return [int(t) for t in req["prompt_token_ids"]]
-    if req.get("messages") is not None:
-        return eng.encode_chat(req["messages"], add_generation_prompt=True)
-    prompt = req.get("prompt")
-    if isinstance(prompt, str):
-        return eng.encode(prompt)
-    if isinstance(prompt, list):
-        return [int(t) for t in prompt]
-    raise ValueError("a request needs messages or a prompt")
-
-
-def _land(eng: Any, plan: Any, buf: Any, first_token_id: int, cached: int) -> bool:
-    """Write the received KV and resume the request; False if it was aborted meanwhile.
-
-    The check matters: an aborted request's blocks may already belong to someone else.
-    """
-    if not eng.is_waiting_for_remote_kv(plan.request_id):
-        return False
-    eng.write_kv_blocks(plan.block_ids, buf)
-    eng.complete_remote_prefill(plan.request_id, first_token_id, cached)
-    return True
-
-
-def _params_dict(params: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(params)
+async def _cancel_on_exit(response: Any) -> Any:
+    """Await a DeploymentResponse; cancelling the awaiting task cancels the request too
+    (Serve would otherwise keep it queued for a replica that may never come)."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise

@@ -14,7 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 MODEL_NOT_FOUND = "model_not_found"
 REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
 INTERNAL_ERROR = "INTERNAL_ERROR"
+REQUEST_TOO_LARGE = "request_too_large"
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -85,9 +88,60 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(err: KvferryError, request_id: str | None = None) -> JSONResponse:
+def error_response(
+    err: KvferryError, request_id: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     # No x-request-id here: Serve's proxy echoes the request's id on every response.
-    return JSONResponse(err.body(), status_code=err.status_code)
+    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` object of every error response."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx response: ``{"error": {...}}`` (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# The error statuses the API routes answer with, for the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error_doc("Invalid request: malformed JSON, a wrong type or value, or a prompt over the context."),
+    404: _error_doc("The model does not exist on this server."),
+    413: _error_doc("The request body is over the server's size limit."),
+    500: _error_doc("This request failed inside the server (others are unaffected)."),
+    503: _error_doc("No replica can take the request now; retry later."),
+    504: _error_doc("The request timed out."),
+}
+
+
+def document_openai_errors(app: FastAPI) -> None:
+    """Make the app's OpenAPI schema say what the server does: validation errors are 400 in
+    OpenAI's error shape (FastAPI would document a 422 the server never sends)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -119,7 +173,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return error_response(KvferryError(exc.status_code, detail))
+        code = REQUEST_TOO_LARGE if exc.status_code == 413 else None
+        # exc.headers carries e.g. the Allow header of a 405.
+        return error_response(KvferryError(exc.status_code, detail, code=code), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -20,12 +20,16 @@ from ray import serve
 
 from cluster.config import ServeConfig
 from cluster.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
     DECODE_POOL_UNAVAILABLE,
+    ERROR_RESPONSES,
     MODEL_NOT_FOUND,
     REQUEST_TIMEOUT,
     KvferryError,
+    document_openai_errors,
     install_error_handlers,
 )
+from cluster.http_limits import BodySizeLimit
 from cluster.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -43,13 +47,19 @@ from cluster.protocol import (
     new_request_id,
     sampling_kwargs,
 )
-from cluster.routing import IngressTokenizer, routing_hints
+from cluster.routing import routing_hints
 from cluster.tenancy import api_key_from_headers, cache_salt
 
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="kvferry", description="OpenAI-compatible LLM serving with disaggregated prefill/decode.")
 install_error_handlers(api)
+document_openai_errors(api)
+# The limit is the replica's config (set in Ingress.__init__, before any request arrives).
+api.state.max_request_bytes = 4 << 20
+api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
+_SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "JSON, or server-sent events when `stream` is true."}}
 
 
 @api.middleware("http")
@@ -70,14 +80,18 @@ class Ingress:
     """The HTTP front door; one handle to the decode (or mixed) pool."""
 
     def __init__(self, config: dict[str, Any], decode: Any) -> None:
-        from engine.loader import served_model_name
+        from engine.loader import resolve_model_path, served_model_name
+        from engine.tokenizer import load_tokenizer
 
         self.cfg = ServeConfig.model_validate(config)
+        api.state.max_request_bytes = self.cfg.http.max_request_bytes
         self.decode = decode
         self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         self._info: dict[str, Any] | None = None
-        # kvferry routing needs block hashes here, hence the prompt's tokens.
-        self.tokenizer = IngressTokenizer(self.cfg.model.model) if self.cfg.request_router == "kvferry" else None
+        # Prompts are tokenized here, in worker threads, never on a replica's engine loop:
+        # a huge prompt then delays no other request's steps.
+        self._hf_tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
+        self._prompt_tokenizer: Any = None
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -93,24 +107,51 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses={503: ERROR_RESPONSES[503]})
     async def models(self) -> ModelList:
         info = await self._model_info()
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=info["max_model_len"])])
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERROR_RESPONSES, **_SSE})
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         payload = {"messages": [{"role": m.role, "content": m.text()} for m in body.messages]}
         return await self._serve(body, request, payload, chat=True)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_SSE})
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         return await self._serve(body, request, {"prompt": body.prompt}, chat=False)
 
     # ------------------------------------------------------------------ plumbing
 
+    async def _encode(self, prompt: dict[str, Any], info: dict[str, Any], param: str, max_tokens: int | None) -> list[int]:
+        """The prompt's token ids, tokenized in a worker thread; 400 when it cannot fit."""
+        from engine import ContextLengthExceeded
+        from engine.tokenizer import PromptTokenizer
+
+        if self._prompt_tokenizer is None:
+            self._prompt_tokenizer = PromptTokenizer(self._hf_tokenizer, info["max_model_len"])
+        try:
+            ids = await asyncio.to_thread(self._prompt_tokenizer.encode_prompt, prompt.get("prompt"), prompt.get("messages"))
+        except ContextLengthExceeded as e:
+            raise KvferryError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=param) from e
+        except ValueError as e:
+            raise KvferryError(400, str(e), param=param) from e
+        if not ids:
+            raise KvferryError(400, "the prompt is empty", param=param)
+        if max(ids) >= info["vocab_size"]:
+            raise KvferryError(400, f"prompt token ids must be below the vocabulary size {info['vocab_size']}", param=param)
+        limit = info["max_model_len"]
+        if len(ids) + (max_tokens or 1) > limit:
+            raise KvferryError(
+                400,
+                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens or 1}: "
+                f"{len(ids) + (max_tokens or 1)} exceeds this model's context of {limit} tokens",
+                code=CONTEXT_LENGTH_EXCEEDED, param=param,
+            )
+        return ids
+
     async def _serve(
-        self, body: ChatCompletionRequest | CompletionRequest, request: Request, payload: dict, chat: bool
+        self, body: ChatCompletionRequest | CompletionRequest, request: Request, prompt: dict, chat: bool
     ) -> Any:
         if body.model != self.model_name:
             raise KvferryError(
@@ -118,24 +159,23 @@ class Ingress:
                 code=MODEL_NOT_FOUND, param="model",
             )
         rid = request.state.request_id
-        payload.update(request_id=rid, params=sampling_kwargs(body, default_max_tokens=0))
-        payload["params"]["max_tokens"] = body.requested_max_tokens()  # None: the replica decides
-        salt = cache_salt(
+        params = sampling_kwargs(body, default_max_tokens=0)
+        params["max_tokens"] = body.requested_max_tokens()  # None: the replica decides
+        params["cache_salt"] = cache_salt(
             api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")),
             self.cfg.cache.tenant_isolation,
         )
-        payload["params"]["cache_salt"] = salt
-        if body.prompt_cache_key is not None:
-            payload["prompt_cache_key"] = body.prompt_cache_key
+        info = await self._model_info()
+        param = "messages" if chat else "prompt"
+        ids = await self._encode(prompt, info, param, body.requested_max_tokens())
+        if body.logit_bias and max(map(int, body.logit_bias)) >= info["vocab_size"]:
+            raise KvferryError(400, f"logit_bias token ids must be below the vocabulary size {info['vocab_size']}",
+                               param="logit_bias")
+        payload = {"request_id": rid, "params": params, "prompt_token_ids": ids, "prompt_param": param}
+        salt = params["cache_salt"]
         hints = None
-        if self.tokenizer is not None:
-            try:
-                ids = self.tokenizer.prompt_ids(payload)
-            except ValueError as e:
-                raise KvferryError(400, str(e), param="messages" if chat else "prompt") from e
-            info = await self._model_info()
+        if self.cfg.request_router == "kvferry":  # the routers need the prompt's block hashes
             hints = routing_hints(ids, info["block_size"], info["model_id"], salt)
-            payload["prompt_token_ids"] = ids
         try:
             gen = self.decode.options(stream=True).generate.remote(payload, hints=hints)
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)

@@ -131,6 +131,9 @@ class PrefillServer:
             "num_send_failures": self.num_send_failures,
         }
 
+    async def ping(self) -> None:
+        """A no-op the decode pool's failover probe calls: answering at all is the signal."""
+
     def record_routing_stats(self) -> dict[str, Any]:
         """Load snapshot Serve hands to this pool's RequestRouter (never waits for a step)."""
         return routing_stats(self.loop.last_stats, self.cfg.prefill.max_num_seqs)

@@ -16,12 +16,21 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+# A positive duration ("24h", "1h", "5m", "90s", "0.5d"; zero is not one) or a keyword for
+# the default TTL. The schema carries this pattern, so what it accepts the server accepts.
+_KEYWORDS = ("in_memory", "in-memory", "default", "ephemeral")
+_POSITIVE = r"(?:0*[1-9][0-9]*(?:\.[0-9]+)?|0+\.[0-9]*[1-9][0-9]*)"
+RETENTION_PATTERN = rf"^(?:{'|'.join(_KEYWORDS)}|{_POSITIVE}[smhd])$"
+_DURATION = re.compile(rf"^({_POSITIVE})([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+Retention = Annotated[str, Field(pattern=RETENTION_PATTERN, description='"in_memory" or a duration: "5m", "1h", "24h".')]
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
 
 
 def parse_retention(value: str | None) -> float | None:
@@ -30,17 +39,14 @@ def parse_retention(value: str | None) -> float | None:
     >>> parse_retention("in_memory") is None, parse_retention("24h"), parse_retention("5m")
     (True, 86400.0, 300.0)
     """
-    if value is None or value in ("in_memory", "in-memory", "default", "ephemeral"):
+    if value is None or value in _KEYWORDS:
         return None
     m = _DURATION.match(value)
     if not m:
         raise ValueError(
             f"prompt_cache_retention must be 'in_memory' or a duration like '24h', '1h', '5m', got {value!r}"
         )
-    ttl = float(m.group(1)) * _UNIT_S[m.group(2)]
-    if ttl <= 0:
-        raise ValueError(f"prompt_cache_retention must be positive, got {value!r}")
-    return ttl
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 class _Edge(BaseModel):
@@ -53,7 +59,7 @@ class CacheControl(_Edge):
     """Anthropic-style cache marker on a content part."""
 
     type: Literal["ephemeral"] = "ephemeral"
-    ttl: str | None = Field(None, description='e.g. "5m" or "1h".')
+    ttl: Retention | None = None
 
 
 class ContentPart(_Edge):
@@ -104,28 +110,23 @@ class _SamplingFields(_Edge):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 non-empty strings; generation stops before any of them."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served.")
     user: str | None = None
     ignore_eos: bool = False
     prompt_cache_key: str | None = Field(None, max_length=1024)
-    prompt_cache_retention: str | None = None
-
-    @field_validator("prompt_cache_retention")
-    @classmethod
-    def _check_retention(cls, v: str | None) -> str | None:
-        parse_retention(v)
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return v
+    prompt_cache_retention: Retention | None = None
+    logit_bias: (
+        dict[
+            Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+            Annotated[float, Field(ge=-100.0, le=100.0)],
+        ]
+        | None
+    ) = Field(None, max_length=1024, description="Token id (as a string) -> bias added to its logit, -100..100.")
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
@@ -154,15 +155,10 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` body (one prompt: a string or a list of token ids)."""
 
-    prompt: str | list[int] = Field(...)
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] = Field(
+        ..., description="A non-empty text, or a non-empty list of token ids."
+    )
     echo: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
-        if len(v) == 0:
-            raise ValueError("prompt must not be empty")
-        return v
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -282,4 +278,5 @@ def sampling_kwargs(req: ChatCompletionRequest | CompletionRequest, default_max_
         "stop": req.stop_list(),
         "ignore_eos": req.ignore_eos,
         "cache_ttl_s": parse_retention(req.retention()),
+        "logit_bias": {int(k): float(v) for k, v in (req.logit_bias or {}).items()},
     }

@@ -4,9 +4,8 @@ The routers (``router/serve_routers.py``) need three things from the serving sid
 this module provides them:
 
 1. *Routing hints* on every handle call: the prompt's block hashes, computed with the
-   engine's own ``hash_prompt_blocks`` so router and engine agree on keys. The ingress
-   tokenizes (model's own tokenizer and chat template) to compute them, and passes the
-   token ids on so the decode replica does not tokenize twice.
+   engine's own ``hash_prompt_blocks`` so router and engine agree on keys, from the token
+   ids the ingress computed (it tokenizes every prompt).
 2. *KV events* from every replica's engine, flushed in batches to the pool's directory.
 3. *Load snapshots*: each replica's ``record_routing_stats()`` (see the deployments).
 
@@ -32,27 +31,6 @@ def routing_hints(token_ids: Sequence[int], block_size: int, model_id: str, salt
 
     hashes = hash_prompt_blocks(token_ids, block_size, model_id, salt)
     return RoutingHints(tuple(hashes), len(token_ids), block_size)
-
-
-class IngressTokenizer:
-    """The model's tokenizer on the ingress (loaded only when kvferry routing is on)."""
-
-    def __init__(self, model: str) -> None:
-        from engine.loader import resolve_model_path
-        from engine.tokenizer import load_tokenizer
-
-        self.tokenizer = load_tokenizer(resolve_model_path(model))
-
-    def prompt_ids(self, payload: dict[str, Any]) -> list[int]:
-        """Token ids exactly as the decode replica's engine would compute them."""
-        from engine.tokenizer import encode_chat
-
-        if payload.get("messages") is not None:
-            return encode_chat(self.tokenizer, payload["messages"], add_generation_prompt=True)
-        prompt = payload["prompt"]
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        return [int(t) for t in prompt]
 
 
 class EventPump:
