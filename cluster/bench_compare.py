@@ -11,6 +11,7 @@ the same CPU budget: two engine replicas with the same ``torch_threads``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def run_layout(cfg: ServeConfig, bench: BenchConfig) -> dict[str, Any]:
         # Engine-side counters of the pool the ingress talks to (remote prefills, failures).
         pool = "decode" if cfg.mode == "disaggregated" else "mixed"
         handle = serve.get_deployment_handle(pool, app_name=cfg.app_name)
-        summary["replica_stats"] = handle.stats.remote().result()
+        summary["replica_stats"] = dataclasses.asdict(handle.stats.remote().result())
         return summary
     finally:
         serve.delete(cfg.app_name)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.errors import REQUEST_TOO_LARGE, error_body
+from cluster.wire import REQUEST_TOO_LARGE, error_body
 
 
 def _too_large_message(limit: int) -> str:

@@ -95,12 +95,3 @@ class ReplicaMetrics:
         self.inc("kvferry_prefix_cache_hits_total", stats.prefix_cache_hits - self._last_hits)
         self._last_queries = stats.prefix_cache_queries
         self._last_hits = stats.prefix_cache_hits
-
-
-async def publish_engine_stats(metrics: ReplicaMetrics, loop: Any, period_s: float = 1.0) -> None:
-    """Run forever (as a task): copy the step loop's latest stats into the metrics."""
-    import asyncio
-
-    while True:
-        metrics.engine_stats(loop.last_stats)
-        await asyncio.sleep(period_s)

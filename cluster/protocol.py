@@ -267,6 +267,36 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def full_response(chat: bool, rid: str, model: str, text: str, finish_reason: str | None, usage: Usage) -> BaseModel:
+    """The non-streamed body of a chat or text completion."""
+    if chat:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+        return ChatCompletionResponse(id=rid, model=model, usage=usage, choices=[choice])
+    return CompletionResponse(id=rid, model=model, usage=usage,
+                              choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+
+
+def stream_event(chat: bool, rid: str, model: str, text: str, finish_reason: str | None, first: bool) -> str:
+    """One SSE ``data:`` line carrying a text delta (the first chat delta names the role)."""
+    if chat:
+        delta = DeltaMessage(content=text, role="assistant" if first else None)
+        event: BaseModel = ChatCompletionChunk(
+            id=rid, model=model, choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return f"data: {event.model_dump_json(exclude_none=True)}\n\n"
+    event = CompletionResponse(id=rid, model=model, choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+    return f"data: {event.model_dump_json()}\n\n"
+
+
+def usage_event(chat: bool, rid: str, model: str, usage: Usage) -> str:
+    """The SSE event with ``usage`` and no choices (``stream_options.include_usage``)."""
+    event: BaseModel
+    if chat:
+        event = ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
+    else:
+        event = CompletionResponse(id=rid, model=model, choices=[], usage=usage)
+    return f"data: {event.model_dump_json()}\n\n"
+
+
 def sampling_kwargs(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict[str, Any]:
     """Keyword arguments for ``engine.SamplingParams`` from an OpenAI request."""
     return {

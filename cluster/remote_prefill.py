@@ -23,13 +23,12 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any, Protocol
 
 from cluster.engine_loop import EngineDeadError, EngineLoop
 from cluster.prefill_health import HealthSettings, PrefillPoolHealth
-from cluster.replica import run_blocking
-from cluster.transport import TransferError, dtype_from_str
+from cluster.transport import TransferError, dtype_from_str, run_blocking
+from cluster.wire import PrefillRefused, PrefillRequest, PrefillResult
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ _NEVER_SENT = 1 << 29
 class PrefillPool(Protocol):
     """The prefill pool as the decode replica sees it (a Serve handle, behind an adapter)."""
 
-    async def prefill(self, request: dict[str, Any], hints: Any) -> dict[str, Any]: ...
+    async def prefill(self, request: PrefillRequest, hints: Any) -> PrefillResult | PrefillRefused: ...
 
     async def ping(self) -> None: ...
 
@@ -114,7 +113,8 @@ class RemotePrefill:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Stop the watchdog and abandon plans in flight (replica teardown)."""
         for task in [*self._tasks, *([self._watchdog] if self._watchdog else [])]:
             task.cancel()
 
@@ -131,31 +131,28 @@ class RemotePrefill:
         if drop:
             self._inject_failures -= 1
         try:
-            endpoint = self.transport.listen()
-            request = {
-                "request_id": rid,
-                "prompt_token_ids": plan.prompt_token_ids,
-                "params": asdict(plan.params),
-                "first_block_index": plan.first_block_index,
-                "endpoint": endpoint.__dict__,
-                "transfer_id": tid,
-            }
-            resp = await self._call_pool(tid, request, self._hints(plan) if self._hints else None)
-            if "error" in resp:
-                raise TransferError(f"prefill replica refused: {resp['error']}")
-            shape = tuple(resp["shape"])
-            if shape[2] != len(plan.block_ids):
-                raise TransferError(f"prefill sent {shape[2]} blocks, {len(plan.block_ids)} expected")
-            buf = await run_blocking(
-                self.transport.recv, resp["group_id"], tid + _NEVER_SENT if drop else tid, shape,
-                dtype_from_str(resp["dtype"]), self.transfer_timeout_s, resp.get("backend") or None,
+            request = PrefillRequest(
+                request_id=rid,
+                prompt_token_ids=tuple(plan.prompt_token_ids),
+                params=plan.params,
+                first_block_index=plan.first_block_index,
+                endpoint=self.transport.listen(),
+                transfer_id=tid,
             )
-            cached = max(plan.num_local_cached_tokens, int(resp["num_cached_tokens"]))
-            first = int(resp["first_token_id"])
+            resp = await self._call_pool(tid, request, self._hints(plan) if self._hints else None)
+            if isinstance(resp, PrefillRefused):
+                raise TransferError(f"prefill replica refused: {resp.reason}")
+            if resp.shape[2] != len(plan.block_ids):
+                raise TransferError(f"prefill sent {resp.shape[2]} blocks, {len(plan.block_ids)} expected")
+            buf = await run_blocking(
+                self.transport.recv, resp.group_id, tid + _NEVER_SENT if drop else tid, resp.shape,
+                dtype_from_str(resp.dtype), self.transfer_timeout_s, resp.backend or None,
+            )
+            cached = max(plan.num_local_cached_tokens, resp.num_cached_tokens)
             # The origin must be set before the first output can be dispatched.
             if rid in self._origin:
-                self._origin[rid] = resp["replica_id"]
-            landed = await self.loop.call(lambda eng: _land(eng, plan, buf, first, cached))
+                self._origin[rid] = resp.replica_id
+            landed = await self.loop.call(lambda eng: _land(eng, plan, buf, resp.first_token_id, cached))
             if landed:
                 self.num_remote_prefills += 1
                 self.metrics.inc("kvferry_remote_prefills_total")
@@ -164,7 +161,7 @@ class RemotePrefill:
         except Exception as e:  # noqa: BLE001 - pool down, timeout, transfer error: recompute
             await self._recompute(rid, repr(e), count_failure=True)
 
-    async def _call_pool(self, tid: int, request: dict[str, Any], hints: Any) -> dict[str, Any]:
+    async def _call_pool(self, tid: int, request: PrefillRequest, hints: Any) -> PrefillResult | PrefillRefused:
         """The pool's answer, or PoolUnavailable (breaker opened) as soon as the pool looks down."""
         self._calls[tid] = self._clock()
         call = asyncio.ensure_future(self.pool.prefill(request, hints))

@@ -7,7 +7,7 @@ this module provides them:
    engine's own ``hash_prompt_blocks`` so router and engine agree on keys, from the token
    ids the ingress computed (it tokenizes every prompt).
 2. *KV events* from every replica's engine, flushed in batches to the pool's directory.
-3. *Load snapshots*: each replica's ``record_routing_stats()`` (see the deployments).
+3. *Load snapshots*: each replica's ``record_routing_stats()`` (``ReplicaCore.routing_stats``).
 
 With the default Serve router none of this runs.
 """
@@ -53,17 +53,3 @@ class EventPump:
         self.flusher.add(batch)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.flusher.run(self._interval_s))
-
-
-def routing_stats(stats: Any, max_num_seqs: int) -> dict[str, Any]:
-    """``record_routing_stats()`` payload from an ``EngineStats`` (keys the routers read)."""
-    if stats is None:
-        return {}
-    return {
-        "queued_prefill_tokens": stats.num_queued_prefill_tokens,
-        "num_running": stats.num_running,
-        "num_waiting": stats.num_waiting + stats.num_waiting_for_remote_kv,
-        "max_num_seqs": max_num_seqs,
-        "kv_usage": stats.kv_usage,
-        "num_free_blocks": stats.num_free_blocks,
-    }

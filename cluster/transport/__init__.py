@@ -16,6 +16,7 @@ import importlib.util
 import torch
 
 from cluster.transport.auto import AutoTransport, device_identity
+from cluster.transport.blocking import run_blocking
 from cluster.transport.base import (
     KVTransport,
     SendHandle,
@@ -36,6 +37,7 @@ __all__ = [
     "dtype_from_str",
     "make_auto_transport",
     "make_transport",
+    "run_blocking",
     "select_backend",
 ]
 

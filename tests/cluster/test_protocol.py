@@ -7,7 +7,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from cluster.errors import KvferryError, install_error_handlers
+from cluster.http_errors import install_error_handlers
+from cluster.wire import ApiError
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_retention, sampling_kwargs
 
 
@@ -32,7 +33,7 @@ def test_chat_request_maps_to_sampling_kwargs() -> None:
             "max_completion_tokens": 5,
             "temperature": 0,
             "stop": "x",
-            "logit_bias": {},  # unknown OpenAI knobs are ignored
+            "logprobs": False,  # unknown OpenAI knobs are ignored
         }
     )
     kw = sampling_kwargs(req, default_max_tokens=16)
@@ -63,7 +64,7 @@ def _app() -> FastAPI:
     @app.post("/c")
     async def c(req: CompletionRequest) -> dict:
         if req.model != "m":
-            raise KvferryError(404, f"model {req.model} not found", code="model_not_found")
+            raise ApiError(404, f"model {req.model} not found", code="model_not_found")
         return {"ok": True}
 
     @app.get("/boom")
@@ -91,5 +92,5 @@ def test_error_handlers_shape_every_error() -> None:
 def test_kvferry_error_survives_pickling() -> None:
     import pickle
 
-    e = pickle.loads(pickle.dumps(KvferryError(503, "no prefill", code="PREFILL_POOL_UNAVAILABLE")))
+    e = pickle.loads(pickle.dumps(ApiError(503, "no prefill", code="PREFILL_POOL_UNAVAILABLE")))
     assert e.status_code == 503 and e.code == "PREFILL_POOL_UNAVAILABLE" and e.type == "service_unavailable"

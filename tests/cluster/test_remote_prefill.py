@@ -15,6 +15,7 @@ import torch
 
 from cluster.prefill_health import HealthSettings, PrefillPoolHealth
 from cluster.remote_prefill import RemotePrefill
+from cluster.wire import PrefillResult
 from engine import SamplingParams
 
 FAST = HealthSettings(suspect_after_s=0.05, probe_timeout_s=0.1, probe_interval_s=0.1)
@@ -89,9 +90,8 @@ class FakePool:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
-        n = 2
-        return {"first_token_id": 7, "num_cached_tokens": 16, "group_id": "g", "shape": [1, 2, n, 4, 1, 2],
-                "dtype": "float32", "backend": "gloo", "replica_id": "prefill#1"}
+        return PrefillResult(first_token_id=7, num_cached_tokens=16, group_id="g", shape=(1, 2, 2, 4, 1, 2),
+                             dtype="float32", backend="gloo", replica_id="prefill#1")
 
     async def ping(self):
         self.pings.append(self.ping_ok)
@@ -126,7 +126,7 @@ def test_a_landed_prefill_names_the_prefill_replica() -> None:
         assert remote.origin("r1") == "prefill#1" and remote.num_remote_prefills == 1
         remote.forget("r1")
         assert remote.origin("r1") == "local"
-        await remote.close()
+        remote.close()
 
     asyncio.run(run())
 
@@ -151,7 +151,7 @@ def test_a_pool_that_never_answers_costs_a_request_no_more_than_suspect_plus_pro
         remote.on_plans([_plan("r2")])
         await _settle(remote)
         assert eng.recomputed == ["r1", "r2"] and pool.calls == 1
-        await remote.close()
+        remote.close()
 
     asyncio.run(run())
 
@@ -174,7 +174,7 @@ def test_a_dead_pool_opens_the_breaker_and_a_probe_closes_it() -> None:
         remote.on_plans([_plan("r2")])
         await _settle(remote)
         assert [r for r, *_ in eng.landed] == ["r2"]
-        await remote.close()
+        remote.close()
 
     asyncio.run(run())
 
@@ -204,6 +204,6 @@ def test_injected_and_real_failures_never_leave_a_request_parked(mode: str) -> N
         remote.on_plans([_plan(f"r{i}") for i in range(5)])
         await _settle(remote)
         assert not eng.waiting and sorted(eng.recomputed) == [f"r{i}" for i in range(5)]
-        await remote.close()
+        remote.close()
 
     asyncio.run(run())

@@ -1,9 +1,11 @@
-"""OpenAI-shaped errors with machine-readable codes, and FastAPI handlers that never leak a trace.
+"""FastAPI handlers that render every error in OpenAI's shape and never leak a trace.
 
 Every error a client sees has the shape ``{"error": {"message", "type", "param", "code"}}``
-and the matching HTTP status. FastAPI's own 422 validation errors (malformed JSON, wrong
-types, out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
+and the matching HTTP status (the error type itself, ``cluster.wire.ApiError``, crosses
+Serve handles too). FastAPI's own 422 validation errors (malformed JSON, wrong types,
+out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
 unexpected exception becomes a generic 500 whose body names the request id, not the stack.
+The OpenAPI schema is made to say exactly that.
 """
 
 from __future__ import annotations
@@ -19,77 +21,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.wire import INTERNAL_ERROR, REQUEST_TOO_LARGE, ApiError
+
 logger = logging.getLogger(__name__)
 
-# Machine-readable codes (production-stack style: "503 PREFILL_POOL_UNAVAILABLE: ...").
-PREFILL_POOL_UNAVAILABLE = "PREFILL_POOL_UNAVAILABLE"
-DECODE_POOL_UNAVAILABLE = "DECODE_POOL_UNAVAILABLE"
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
-MODEL_NOT_FOUND = "model_not_found"
-REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
-INTERNAL_ERROR = "INTERNAL_ERROR"
-REQUEST_TOO_LARGE = "request_too_large"
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
-
-
-class KvferryError(Exception):
-    """An error meant for the client: status, OpenAI type, message, optional param and code."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        code: str | None = None,
-        param: str | None = None,
-        type: str | None = None,  # noqa: A002 - OpenAI's field name
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type or _TYPE_BY_STATUS.get(status_code, "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict that crosses Ray process boundaries (see ``from_dict``)."""
-        return {"status_code": self.status_code, **self.body()["error"]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KvferryError:
-        return cls(d["status_code"], d["message"], code=d.get("code"), param=d.get("param"), type=d.get("type"))
-
-    def __reduce__(self) -> tuple:
-        # Keyword-only args would otherwise be lost when Ray pickles the exception.
-        return (KvferryError.from_dict, (self.to_dict(),))
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> KvferryError:
-    return KvferryError(400, message, param=param, code=code)
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """The OpenAI error envelope."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def error_response(
-    err: KvferryError, request_id: str | None = None, headers: dict[str, str] | None = None
+    err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     # No x-request-id here: Serve's proxy echoes the request's id on every response.
     return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
@@ -161,26 +98,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through the OpenAI error shape; nothing else reaches a client."""
 
-    @app.exception_handler(KvferryError)
-    async def _kvferry(request: Request, exc: KvferryError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc, getattr(request.state, "request_id", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(bad_request(message, param=param), getattr(request.state, "request_id", None))
+        return error_response(ApiError(400, message, param=param), getattr(request.state, "request_id", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = REQUEST_TOO_LARGE if exc.status_code == 413 else None
         # exc.headers carries e.g. the Allow header of a 405.
-        return error_response(KvferryError(exc.status_code, detail, code=code), headers=exc.headers)
+        return error_response(ApiError(exc.status_code, detail, code=code), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = getattr(request.state, "request_id", None)
         logger.exception("unhandled error in request %s", rid)
         return error_response(
-            KvferryError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid
+            ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid
         )

@@ -1,0 +1,180 @@
+"""Every value that crosses a Ray Serve handle, in one place: typed, frozen, picklable.
+
+Ingress -> decode replica: :class:`GenerateRequest`; the decode replica streams back
+:class:`StreamChunk` values, or one :class:`ApiError` (as a value, then the stream ends).
+Decode replica -> prefill replica: :class:`PrefillRequest`, answered by
+:class:`PrefillResult` or :class:`PrefillRefused`. Any replica -> callers:
+:class:`ModelInfo` and :class:`ReplicaStats`.
+
+``ApiError`` is both the exception the HTTP layer renders (status, OpenAI ``type``,
+message, ``param``, machine-readable ``code``) and the value a replica yields instead of
+raising across a handle; nobody parses a message to pick a status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.transport.base import TransportEndpoint
+from engine.outputs import EngineStats
+from engine.sampling_params import SamplingParams
+
+# Machine-readable error codes (production-stack style: "503 PREFILL_POOL_UNAVAILABLE: ...").
+DECODE_POOL_UNAVAILABLE = "DECODE_POOL_UNAVAILABLE"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+MODEL_NOT_FOUND = "model_not_found"
+REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+REQUEST_TOO_LARGE = "request_too_large"
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+# Which request field a prompt error names: "messages" (chat) or "prompt" (completions).
+PromptParam = str
+
+
+class ApiError(Exception):
+    """An error meant for the client: HTTP status, message, OpenAI ``type``, ``param``, ``code``."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status_code, "server_error")
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI error envelope."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def __reduce__(self) -> tuple:
+        # Keyword-only arguments would otherwise be lost when Ray pickles the error.
+        return (_rebuild_api_error, (self.status_code, self.message, self.code, self.param, self.type))
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status_code}, {self.message!r}, code={self.code!r}, param={self.param!r})"
+
+
+def _rebuild_api_error(status: int, message: str, code: str | None, param: str | None, type_: str) -> ApiError:
+    return ApiError(status, message, code=code, param=param, type=type_)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Immutable facts about the served model, read once from a replica's engine."""
+
+    model_id: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Ingress -> decode (or mixed) replica: one request, already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    # max_tokens is final (the ingress fills the default); cache_ttl_s is clamped.
+    params: SamplingParams
+    # The request field prompt errors name.
+    prompt_param: PromptParam = "prompt"
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """Decode replica -> ingress: one engine output of a request."""
+
+    new_text: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    # Which replicas served the request ("local": the decode replica prefilled it).
+    prefill_replica: str
+    decode_replica: str
+
+
+# What a decode replica's stream yields: chunks, or one error and nothing after it.
+StreamItem = StreamChunk | ApiError
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """Decode replica -> prefill replica: compute a prompt and push blocks from ``first_block_index``."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    first_block_index: int
+    # Where the decode replica receives the KV.
+    endpoint: TransportEndpoint
+    transfer_id: int
+
+    @property
+    def prefill_request_id(self) -> str:
+        """The prefill side's id: the decode replica may retry the same request after a failure."""
+        return f"{self.request_id}@{self.transfer_id}"
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Prefill replica -> decode replica: the first token, and where the KV buffer travels."""
+
+    first_token_id: int
+    num_cached_tokens: int
+    group_id: str
+    shape: tuple[int, ...]
+    dtype: str
+    # The transport backend carrying the KV ("gloo", "nccl", "cuda_ipc").
+    backend: str
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class PrefillRefused:
+    """Prefill replica -> decode replica: this request was not prefilled (the decode side recomputes)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """A replica's engine load plus its transfer counters (tests, operators, metrics)."""
+
+    replica_id: str
+    role: str
+    engine: EngineStats
+    # Decode role: prompts prefilled remotely, and transfers that fell back to local recompute.
+    num_remote_prefills: int = 0
+    num_transfer_failures: int = 0
+    # Prefill role: KV buffers delivered, and sends that failed.
+    num_sent: int = 0
+    num_send_failures: int = 0
