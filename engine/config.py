@@ -1,86 +1,105 @@
-"""Engine configuration: one replica's cache, batching and role settings."""
+"""Engine configuration: one pydantic model, validated once when it is built.
+
+Every setting of one replica's engine (cache, batching, role, kernels) lives here, with
+its default and its bounds, so nothing downstream re-checks them. What can only be
+checked against the loaded model or the device (does the KV budget hold two blocks of
+this model? can fused kernels launch here?) is checked where that is known.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["mixed", "prefill", "decode"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+AttentionBackendName = Literal["torch", "triton", "flash_attn"]
+FusedKernels = Literal["auto", "on", "off"]
+PrefillAttention = Literal["auto", "triton", "sdpa"]
 
-# KV budget when neither kv_cache_memory_bytes nor num_kv_blocks is given.
-DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
 
+class EngineConfig(BaseModel):
+    """Everything ``LLMEngine`` needs beyond the model itself (and its clock)."""
 
-@dataclass
-class EngineConfig:
-    """Everything ``LLMEngine`` needs beyond the model itself."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # "mixed" serves whole requests; "prefill" stops after the first token and exports KV;
-    # "decode" admits requests whose prompt KV arrives from a prefill replica.
-    role: Role = "mixed"
-    # Stamped on KV event batches; the directory keys replicas by it.
-    replica_id: str = "replica-0"
-    # Tokens per KV block (also the prefix-cache granularity).
-    block_size: int = 16
-    # Memory for the paged KV cache, bytes; ignored when num_kv_blocks is set.
-    kv_cache_memory_bytes: int | None = None
-    # Exact number of KV blocks (overrides the memory budget).
-    num_kv_blocks: int | None = None
-    # Most requests running at once.
-    max_num_seqs: int = 64
-    # Per-step token budget: prefills longer than the leftover budget are chunked.
-    max_num_batched_tokens: int = 512
-    # Context limit; None = the model's own.
-    max_model_len: int | None = None
-    # Prompt-cache TTL of a block when the request asks for none, seconds.
-    default_ttl_s: float = 300.0
-    # Longest TTL a request may ask for, seconds.
-    max_ttl_s: float = 3600.0
-    # Decode role: prefill locally when fewer than this many prompt tokens are uncached.
-    local_prefill_threshold: int = 0
-    # Prefill role: exported blocks are released if the receiver never acknowledges.
-    export_lease_timeout_s: float = 30.0
-    # Weights/activations dtype ("float32", "float16", "bfloat16").
-    dtype: str = "float32"
-    # "cpu" or "cuda[:N]".
-    device: str = "cpu"
-    # "torch" (SDPA), "triton" or "flash_attn".
-    attention_backend: str = "torch"
-    # Never capture CUDA graphs; decode steps then always run eagerly. Graphs are used only
-    # on CUDA with the "triton" backend, for decode-only steps that fit a captured batch.
-    enforce_eager: bool = False
-    # Largest decode batch captured as a CUDA graph (also capped by max_num_seqs and 256).
-    cuda_graph_max_batch: int = 64
-    # Fused Triton kernels for residual-add + RMSNorm and rotary embedding: "on" demands
-    # them (CPU: only under TRITON_INTERPRET=1), "off" keeps the torch ops, "auto" is off
-    # until a GPU run shows they pay off (see engine.model_runner.resolve_fused_kernels).
-    fused_kernels: str = "auto"
-    # Prefill attention of the "triton" backend: "triton" (the varlen paged kernel), "sdpa"
-    # (torch SDPA for chunks with no cached prefix, the kernel for the rest) or "auto".
-    prefill_attention: str = "auto"
-    # torch intra-op threads for this engine; None leaves torch's default.
-    num_threads: int | None = None
-    # Where GGUF files are converted to; None = ~/.cache/kvferry (or $KVFERRY_CACHE_DIR).
-    cache_dir: str | None = None
-    # The engine's notion of "now", seconds; tests inject a fake clock.
-    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    role: Role = Field(
+        "mixed",
+        description='"mixed" serves whole requests; "prefill" stops after the first token and exports '
+        'its KV; "decode" admits requests whose prompt KV arrives from a prefill replica.',
+    )
+    replica_id: str = Field("replica-0", description="Stamped on KV event batches; the directory keys replicas by it.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV block (also the prefix-cache granularity); a power of two.")
+    kv_cache_memory_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Memory for the paged KV cache, bytes; ignored when num_kv_blocks is set."
+    )
+    num_kv_blocks: int | None = Field(
+        None, ge=2, description="Exact number of KV blocks; overrides kv_cache_memory_bytes. None: from the budget."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most requests running (or waiting for remote KV) at once.")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="Per-step token budget: prefills longer than the leftover budget are chunked."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="Context limit (capped by the model's own); None = the model's.")
+    default_ttl_s: float = Field(300.0, gt=0, description="Prompt-cache TTL of a block when the request asks for none, seconds.")
+    max_ttl_s: float = Field(3600.0, gt=0, description="Longest prompt-cache TTL a request may ask for, seconds.")
+    local_prefill_threshold: int = Field(
+        64,
+        ge=0,
+        description="Decode role only: prefill locally when fewer than this many prompt tokens are "
+        "uncached (0 sends every prompt to a prefill replica).",
+    )
+    export_lease_timeout_s: float = Field(
+        30.0, gt=0, description="Prefill role: exported blocks are released when the receiver never releases them."
+    )
+    dtype: Dtype = Field("float32", description="Weights, activations and KV cache dtype.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description='"cpu", "cuda" or "cuda:N".')
+    attention_backend: AttentionBackendName = Field(
+        "torch", description='"torch" (SDPA, any device), "triton" (Triton kernels) or "flash_attn" (CUDA, optional package).'
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="Never capture CUDA graphs. Graphs are used only on CUDA with the triton backend, "
+        "for decode-only steps that fit a captured batch.",
+    )
+    cuda_graph_max_batch: int = Field(
+        64, ge=1, description="Largest decode batch captured as a CUDA graph (also capped by max_num_seqs and 256)."
+    )
+    fused_kernels: FusedKernels = Field(
+        "auto",
+        description='Fused Triton residual-add + RMSNorm and rotary kernels: "on" demands them (CPU: only '
+        'under TRITON_INTERPRET=1), "off" keeps the torch ops, "auto" is off until a GPU run shows they '
+        "pay off (engine.model_runner.resolve_fused_kernels).",
+    )
+    prefill_attention: PrefillAttention = Field(
+        "auto",
+        description='Prefill path of the triton backend: "triton" (the varlen paged kernel), "sdpa" (torch '
+        'SDPA for chunks with no cached prefix, the kernel for the rest) or "auto" (sdpa on CUDA).',
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads for this engine; None leaves torch's default.")
+    cache_dir: str | None = Field(
+        None, description="Where GGUF files are converted to; None = ~/.cache/kvferry (or $KVFERRY_CACHE_DIR)."
+    )
 
-    def __post_init__(self) -> None:
-        if self.role not in ("mixed", "prefill", "decode"):
-            raise ValueError(f"role must be mixed, prefill or decode, got {self.role!r}")
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
-        if self.default_ttl_s <= 0 or self.max_ttl_s < self.default_ttl_s:
-            raise ValueError("need 0 < default_ttl_s <= max_ttl_s")
-        if self.cuda_graph_max_batch < 1:
-            raise ValueError(f"cuda_graph_max_batch must be positive, got {self.cuda_graph_max_batch}")
-        if self.fused_kernels not in ("auto", "on", "off"):
-            raise ValueError(f"fused_kernels must be auto, on or off, got {self.fused_kernels!r}")
-        if self.prefill_attention not in ("auto", "triton", "sdpa"):
-            raise ValueError(f"prefill_attention must be auto, triton or sdpa, got {self.prefill_attention!r}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise ValueError("num_kv_blocks must be at least 2")
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_options(cls, data: Any) -> Any:
+        # extra="forbid" alone says only "extra inputs are not permitted"; a caller who
+        # misspelt an option wants to see what it could have been.
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                hints = {u: difflib.get_close_matches(u, cls.model_fields, n=1) for u in unknown}
+                guesses = "".join(f" ({u!r}: did you mean {h[0]!r}?)" for u, h in hints.items() if h)
+                raise ValueError(f"unknown engine option(s) {unknown}{guesses}; valid: {sorted(cls.model_fields)}")
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> EngineConfig:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError(f"default_ttl_s ({self.default_ttl_s:g}) must not exceed max_ttl_s ({self.max_ttl_s:g})")
+        return self

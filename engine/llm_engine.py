@@ -8,17 +8,17 @@ including the prefill/decode roles used for disaggregated serving.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.block_pool import BlockPool
-from engine.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from engine.config import EngineConfig
 from engine.errors import ContextLengthExceeded
 from engine.detokenizer import StopChecker
 from engine.kv_cache_manager import KVCacheManager
@@ -49,6 +49,7 @@ class LLMEngine:
         tokenizer: Any | None,
         config: EngineConfig,
         model_id: str,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.model_config = model_config
@@ -57,7 +58,9 @@ class LLMEngine:
         self.block_size = config.block_size
         self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
         self.eos_token_ids = frozenset(model_config.eos_token_ids or [])
-        self.clock = config.clock
+        # The engine's notion of "now", seconds; tests inject a fake clock, servers may use
+        # wall time so block expiries compare across processes.
+        self.clock = clock
         self.kv_dtype = resolve_dtype(config.dtype)
         self.device = torch.device(config.device)
 
@@ -67,10 +70,11 @@ class LLMEngine:
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
-            budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
-            num_blocks = budget // per_block
+            num_blocks = config.kv_cache_memory_bytes // per_block
             if num_blocks < 2:
-                raise ValueError(f"kv_cache_memory_bytes={budget} holds fewer than 2 blocks of {per_block} bytes")
+                raise ValueError(
+                    f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} holds fewer than 2 blocks of {per_block} bytes"
+                )
         self.pool = BlockPool(num_blocks)
         self.kv = KVCacheManager(self.pool, config.block_size, model_id)
         self.scheduler = Scheduler(config, self.kv)
@@ -103,16 +107,17 @@ class LLMEngine:
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model: str | Path = "default", **options: Any) -> LLMEngine:
-        """Load ``model`` (HF dir, .gguf file or "default") with EngineConfig ``options``."""
+    def from_pretrained(
+        cls, model: str | Path = "default", *, clock: Callable[[], float] | None = None, **options: Any
+    ) -> LLMEngine:
+        """Load ``model`` (HF dir, .gguf file or "default") with EngineConfig ``options``.
+
+        A misspelt option raises a ``ValueError`` naming the valid ones.
+        """
         from engine.loader import load_model, resolve_model_path, served_model_name  # noqa: PLC0415
         from engine.tokenizer import load_tokenizer  # noqa: PLC0415
 
-        names = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {unknown}; valid: {sorted(names)}")
-        config = EngineConfig(**options)
+        config = EngineConfig.model_validate(options)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -123,7 +128,7 @@ class LLMEngine:
         except (OSError, ValueError):
             tokenizer = None  # token-id prompts still work; text prompts raise a clear error
         model_id = served_model_name(str(model))
-        return cls(net, model_config, tokenizer, config, model_id)
+        return cls(net, model_config, tokenizer, config, model_id, clock=clock or time.monotonic)
 
     # ---------------------------------------------------------------- tokens
     @property

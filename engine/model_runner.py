@@ -11,37 +11,36 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
+from engine.config import AttentionBackendName, FusedKernels, PrefillAttention
 from engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes, use_cuda_graphs
 from engine.forward_context import ForwardContext
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
+from kernels.kv_pack import gather_blocks, scatter_blocks
+from kernels.launch import can_launch
+
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def resolve_fused_kernels(setting: str, device: torch.device) -> bool:
+def resolve_fused_kernels(setting: FusedKernels, device: torch.device) -> bool:
     """``EngineConfig.fused_kernels`` -> whether this engine launches the fused kernels.
 
     "auto" is off for now, on every device. On CPU the kernels only run in the slow
     interpreter. On CUDA they have been checked only in that interpreter, never compiled
     or timed on a GPU. Turn "auto" on for CUDA once the ``gpu`` tests pass there and
-    ``benchmarks/gpu/fused_ops.py`` shows a gain.
+    ``benchmarks/gpu/fused_ops.py`` shows a gain. ``EngineConfig`` has already refused any
+    other value; what is left to check is whether this device can launch them.
     """
-    from kernels.launch import can_launch  # noqa: PLC0415 - imports triton lazily
-
-    if setting == "off":
+    if setting != "on":
         return False
-    if setting == "auto":
-        return False
-    if setting == "on":
-        if not can_launch(device):
-            raise ValueError(
-                f"fused_kernels='on' needs triton and a CUDA device (got {device}); on CPU set "
-                "TRITON_INTERPRET=1 (tests) or use fused_kernels='off'"
-            )
-        return True
-    raise ValueError(f"fused_kernels must be auto, on or off, got {setting!r}")
+    if not can_launch(device):
+        raise ValueError(
+            f"fused_kernels='on' needs triton and a CUDA device (got {device}); on CPU set "
+            "TRITON_INTERPRET=1 (tests) or use fused_kernels='off'"
+        )
+    return True
 
 
 class ModelRunner:
@@ -57,14 +56,14 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        attention_backend: str,
+        attention_backend: AttentionBackendName,
         *,
         max_model_len: int = 0,
         max_num_seqs: int = 1,
         enforce_eager: bool = True,
         cuda_graph_max_batch: int = 64,
-        fused_kernels: str = "off",
-        prefill_attention: str = "auto",
+        fused_kernels: FusedKernels = "off",
+        prefill_attention: PrefillAttention = "auto",
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -165,12 +164,8 @@ class ModelRunner:
     # ----------------------------------------------------------- KV transfer
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """(L, 2, n, block_size, H_kv, D) contiguous copy of the given blocks."""
-        from kernels.kv_pack import gather_blocks  # noqa: PLC0415 - kernels land independently
-
         return gather_blocks(self.kv_cache, block_ids)
 
     def write_blocks(self, block_ids: list[int], buffer: torch.Tensor) -> None:
         """Inverse of :meth:`read_blocks`."""
-        from kernels.kv_pack import scatter_blocks  # noqa: PLC0415
-
         scatter_blocks(self.kv_cache, block_ids, buffer)

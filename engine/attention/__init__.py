@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.config import AttentionBackendName, PrefillAttention
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
 
 
-def get_attention_backend(name: str, *, prefill_attention: str = "auto") -> AttentionBackend:
+def get_attention_backend(name: AttentionBackendName, *, prefill_attention: PrefillAttention = "auto") -> AttentionBackend:
     """Return the backend called ``name`` (``torch``, ``triton`` or ``flash_attn``).
 
     ``prefill_attention`` ("auto", "triton", "sdpa") picks the triton backend's prefill

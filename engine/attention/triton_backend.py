@@ -22,11 +22,10 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention.sdpa_prefill import sdpa_fresh_prefill
+from engine.config import PrefillAttention
 from kernels.paged_decode import paged_decode
 from kernels.prefill_attention import prefill_attention
 from kernels.store_kv import store_kv
-
-PREFILL_ATTENTION_CHOICES = ("auto", "triton", "sdpa")
 
 
 def prefill_runs(query_lens: list[int], context_lens: list[int]) -> list[tuple[int, int, bool]]:
@@ -48,14 +47,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, graph_max_context_len: int | None = None, prefill_attention: str = "auto") -> None:
+    def __init__(self, graph_max_context_len: int | None = None, prefill_attention: PrefillAttention = "auto") -> None:
         # For CUDA-graph capture the decode grid must not depend on the step's data: with
         # this set (to max_model_len) the split count depends only on the batch size, and
         # padded decode slots (slot -1, context length 1) are harmless. None sizes the grid
         # from each step's longest context, which is cheaper without graphs.
         self.graph_max_context_len = graph_max_context_len
-        if prefill_attention not in PREFILL_ATTENTION_CHOICES:
-            raise ValueError(f"prefill_attention must be auto, triton or sdpa, got {prefill_attention!r}")
+        # Valid by construction: EngineConfig.prefill_attention is a Literal of the choices.
         self.prefill_attention = prefill_attention
 
     def resolved_prefill_attention(self, device: torch.device) -> str:

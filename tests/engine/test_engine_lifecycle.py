@@ -195,7 +195,9 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
     kw = dict(block_size=4, num_kv_blocks=64)
     mixed = LLMEngine.from_pretrained(path, **kw)
     pre = LLMEngine.from_pretrained(path, role="prefill", **kw)
-    dec = LLMEngine.from_pretrained(path, role="decode", **kw)
+    # Threshold 0: every prompt goes through the prefill replica (the default, 64, would
+    # prefill this 23-token prompt locally).
+    dec = LLMEngine.from_pretrained(path, role="decode", local_prefill_threshold=0, **kw)
     rng = random.Random(3)
     prompt = _rand_prompt(rng, 23)
     params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)

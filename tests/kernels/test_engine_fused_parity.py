@@ -14,7 +14,7 @@ import torch
 
 import kernels.rms_norm
 import kernels.rotary
-from engine import LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.model_runner import resolve_fused_kernels
 from tests.engine.tiny_models import make_tiny_model
 from tests.kernels.kernel_test_inputs import NEEDS_INTERPRETER
@@ -82,5 +82,6 @@ def test_on_is_allowed_on_cpu_only_under_the_interpreter(monkeypatch):
 
 
 def test_unknown_setting_is_refused():
-    with pytest.raises(ValueError, match="auto, on or off"):
-        resolve_fused_kernels("yes", torch.device("cpu"))
+    # Refused once, where every setting is validated: the engine's config.
+    with pytest.raises(ValueError, match=r"(?s)fused_kernels.*'auto', 'on' or 'off'"):
+        EngineConfig(fused_kernels="yes")

@@ -17,6 +17,7 @@ from engine.attention.base import AttentionMetadata
 from engine.attention.sdpa_prefill import equal_length_runs
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.attention.triton_backend import TritonAttentionBackend, prefill_runs
+from engine.config import EngineConfig
 from tests.kernels.kernel_test_inputs import random_block_tables
 
 BS = 8
@@ -187,11 +188,13 @@ def test_auto_resolves_to_sdpa_on_cuda_and_triton_elsewhere(monkeypatch, case):
 
 
 def test_prefill_attention_choice_is_validated():
+    # Validated once, by the engine's config; the backend receives only valid choices.
     with pytest.raises(ValueError, match="prefill_attention"):
-        TritonAttentionBackend(prefill_attention="flash")
+        EngineConfig(attention_backend="triton", prefill_attention="flash")
     with pytest.raises(ValueError, match="prefill_attention"):
-        get_attention_backend("triton", prefill_attention="SDPA")
-    assert get_attention_backend("triton", prefill_attention="sdpa").prefill_attention == "sdpa"
+        EngineConfig(attention_backend="triton", prefill_attention="SDPA")
+    cfg = EngineConfig(attention_backend="triton", prefill_attention="sdpa")
+    assert get_attention_backend(cfg.attention_backend, prefill_attention=cfg.prefill_attention).prefill_attention == "sdpa"
 
 
 def test_run_splitting():
