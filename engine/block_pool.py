@@ -57,11 +57,10 @@ class KVBlock:
 class BlockPool:
     """Allocates, caches and evicts KV blocks; O(1) per block except expiry (O(log n))."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Free blocks holding nothing reusable, in free order (first out first).
         self._free_uncached: OrderedDict[int, KVBlock] = OrderedDict(
@@ -165,8 +164,6 @@ class BlockPool:
         A hash already cached by another block (two requests computed the same block at
         once) leaves this block uncached: one copy per hash.
         """
-        if not self.enable_caching:
-            return
         expires_at = now + ttl_s
         run: list[BlockHash] = []
         run_parent: BlockHash | None = None

@@ -91,10 +91,9 @@ class KVCacheManager:
             req.blocks.extend(new_blocks)
         return True
 
-    def cache_full_blocks(self, req: Request, now: float, upto_tokens: int | None = None) -> None:
+    def cache_full_blocks(self, req: Request, now: float) -> None:
         """Publish the blocks whose tokens are all computed to the prompt cache."""
-        computed = req.num_computed_tokens if upto_tokens is None else upto_tokens
-        num_full = min(computed // self.block_size, len(req.blocks))
+        num_full = min(req.num_computed_tokens // self.block_size, len(req.blocks))
         if num_full <= req.num_cached_blocks:
             return
         self.update_block_hashes(req)

@@ -96,7 +96,6 @@ class LLMEngine:
             prefill_attention=config.prefill_attention,
         )
         self._requests: dict[str, Request] = {}
-        self._checkers: dict[str, StopChecker] = {}
         self._pending_outputs: list[RequestOutput] = []
         # Prefill role: finished requests whose blocks are leased to a receiver, with lease start.
         self._exports: dict[str, tuple[Request, float]] = {}
@@ -188,13 +187,12 @@ class LLMEngine:
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
-            arrival_time=self.clock(),
             ttl_s=ttl,
+            stop_checker=StopChecker(self.tokenizer, list(params.stop)),
             remote_prefill=remote_prefill,
             export_from_block=export_from_block,
         )
         self._requests[request_id] = req
-        self._checkers[request_id] = StopChecker(self.tokenizer, list(params.stop))
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> None:
@@ -417,7 +415,7 @@ class LLMEngine:
     def _append_token(self, req: Request, token: int, now: float) -> None:
         req.append_token(token)
         p = req.params
-        checker = self._checkers[req.request_id]
+        checker = req.stop_checker
         status: RequestStatus | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             status = RequestStatus.FINISHED_STOPPED
@@ -434,7 +432,7 @@ class LLMEngine:
             self.scheduler.finish(req, status, now)
 
     def _output(self, req: Request) -> RequestOutput:
-        checker = self._checkers[req.request_id]
+        checker = req.stop_checker
         finished = req.status.finished
         if finished:
             checker.flush()
@@ -457,12 +455,10 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             kv_export=export,
-            prefilled_locally=req.prefilled_locally,
         )
 
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
-        self._checkers.pop(req.request_id, None)
 
     def _expire_leases(self, now: float) -> None:
         timeout = self.config.export_lease_timeout_s

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 
@@ -56,8 +56,6 @@ class RequestOutput:
     num_cached_tokens: int
     # Prefill role: the leased blocks to ship (final output only).
     kv_export: KVExport | None = None
-    # Decode role: True when this replica prefilled the prompt itself.
-    prefilled_locally: bool = False
     # finish_reason "error": what failed for this request alone (a message, never a trace).
     error: str | None = None
 
@@ -80,4 +78,3 @@ class EngineStats:
     prefix_cache_hits: int = 0
     # Cumulative preemptions (recompute) since start.
     num_preemptions: int = 0
-    extra: dict[str, float] = field(default_factory=dict)

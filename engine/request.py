@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.block_hash import BlockHash
+from engine.detokenizer import StopChecker
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -14,13 +15,13 @@ if TYPE_CHECKING:
 
 
 class RequestStatus(enum.Enum):
-    """Lifecycle: WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED -> RUNNING (recompute);
-    decode role: WAITING -> WAITING_FOR_REMOTE_KV -> RUNNING (or back to WAITING on failure)."""
+    """Lifecycle: WAITING -> RUNNING -> FINISHED_*. Preemption frees a running request's
+    blocks and puts it back to WAITING, at the head of the queue, to be recomputed.
+    Decode role: WAITING -> WAITING_FOR_REMOTE_KV -> RUNNING (or back to WAITING on failure)."""
 
     WAITING = "waiting"
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     RUNNING = "running"
-    PREEMPTED = "preempted"
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
@@ -57,9 +58,10 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float
-    # Effective prompt-cache TTL (request's ask clamped to the engine maximum).
+    # Effective prompt-cache TTL (the request's ask, or the engine default).
     ttl_s: float
+    # This request's text so far, its stop strings, and how much text was handed out.
+    stop_checker: StopChecker
     status: RequestStatus = RequestStatus.WAITING
     # Generated tokens.
     output_token_ids: list[int] = field(default_factory=list)
@@ -78,11 +80,7 @@ class Request:
     remote_prefill: bool = False
     # Prefill role: export blocks from this index when the prompt is done.
     export_from_block: int | None = None
-    # Decode role: set when the prompt was prefilled on this replica.
-    prefilled_locally: bool = False
-    # Text generated so far and how much of it was already handed out.
-    text: str = ""
-    num_emitted_chars: int = 0
+    # Output tokens already handed out in a RequestOutput's new_token_ids.
     num_emitted_tokens: int = 0
     # Why the request failed (status FINISHED_ERROR): a message for the client, no trace.
     error: str | None = None

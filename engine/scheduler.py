@@ -129,7 +129,6 @@ class Scheduler:
                         break
                     continue
                 req.remote_prefill = False
-                req.prefilled_locally = True
             n = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate(req, n, now, cached):
                 break
@@ -222,6 +221,5 @@ class Scheduler:
         self.kv.free(req, now)
         req.num_computed_tokens = 0
         req.remote_prefill = False
-        req.prefilled_locally = True
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

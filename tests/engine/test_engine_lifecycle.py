@@ -202,6 +202,15 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
     prompt = _rand_prompt(rng, 23)
     params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     want = mixed.generate([prompt], params)[0].token_ids
+    # Requests whose prompt the decode engine computed itself (a chunk at prompt positions).
+    prefilled_here: set[str] = set()
+    execute = dec.runner.execute
+
+    def spy(sched):
+        prefilled_here.update(c.request.request_id for c in sched.chunks if c.start < c.request.num_prompt_tokens)
+        return execute(sched)
+
+    dec.runner.execute = spy
 
     def run_disaggregated(rid: str, fail: bool = False) -> tuple[list[int], bool]:
         dec.add_request(rid, prompt, params, remote_prefill=True)
@@ -225,7 +234,7 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
         outs = []
         while dec.has_unfinished_requests():
             outs.extend(dec.step())
-        return outs[-1].token_ids, outs[-1].prefilled_locally
+        return outs[-1].token_ids, rid in prefilled_here
 
     assert run_disaggregated("x1") == (want, False)
     # Second time the decode replica holds the prefix: only the tail blocks travel.
