@@ -20,6 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from cluster.wire import Abort, AddRequest, EngineCommand
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -126,8 +128,15 @@ class EngineLoop:
 
     # ------------------------------------------------------------ API (event-loop side)
 
+    async def submit(self, command: EngineCommand) -> Any:
+        """Run one typed command (``cluster.wire``) on the loop thread between steps; its result."""
+        return await self.call(command.apply)
+
     async def call(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(engine)`` on the loop thread between steps and return its result."""
+        """Run ``fn(engine)`` on the loop thread between steps and return its result.
+
+        The generic form of :meth:`submit`, for tests and tools; the request path uses
+        typed commands."""
         self._check_alive()
         # The replica's event loop: outputs, plans and events are delivered onto it.
         self._loop = asyncio.get_running_loop()
@@ -135,21 +144,21 @@ class EngineLoop:
         self._commands.put((fn, fut))
         return await fut
 
-    async def add_request(self, request_id: str, prompt: Any, params: Any, **kwargs: Any) -> RequestStream:
+    async def add_request(self, command: AddRequest) -> RequestStream:
         """Queue a request; its stream yields ``RequestOutput``s. ValueError from the engine propagates."""
-        stream = RequestStream(request_id, self)
-        self._streams[request_id] = stream
+        stream = RequestStream(command.request_id, self)
+        self._streams[command.request_id] = stream
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt, params, **kwargs))
+            await self.submit(command)
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._streams.pop(command.request_id, None)
             raise
         return stream
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort without waiting (safe from finalizers); unknown ids are ignored."""
         if self.alive:
-            self._commands.put((lambda e: e.abort(request_id), None))
+            self._commands.put((Abort(request_id).apply, None))
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -219,7 +228,7 @@ class EngineLoop:
             if outputs:
                 self._post(self._dispatch, outputs)
             if self._on_plans is not None:
-                plans = eng.take_remote_prefill_plans()
+                plans = eng.kv_transfer.take_plans()
                 if plans:
                     self._post(self._on_plans, plans)
             # Always drained: the engine buffers events until taken, even if nobody listens.

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from cluster.engine_loop import EngineDeadError, EngineLoop
 from cluster.prefill_health import HealthSettings, PrefillPoolHealth
 from cluster.transport import TransferError, dtype_from_str, run_blocking
-from cluster.wire import PrefillRefused, PrefillRequest, PrefillResult
+from cluster.wire import FailRemoteKV, LandRemoteKV, PrefillRefused, PrefillRequest, PrefillResult
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ class RemotePrefill:
             # The origin must be set before the first output can be dispatched.
             if rid in self._origin:
                 self._origin[rid] = resp.replica_id
-            landed = await self.loop.call(lambda eng: _land(eng, plan, buf, resp.first_token_id, cached))
+            landed = await self.loop.submit(
+                LandRemoteKV(rid, tuple(plan.block_ids), buf, resp.first_token_id, cached)
+            )
             if landed:
                 self.num_remote_prefills += 1
                 self.metrics.inc("kvferry_remote_prefills_total")
@@ -193,7 +195,7 @@ class RemotePrefill:
         if rid in self._origin:
             self._origin[rid] = LOCAL
         try:
-            await self.loop.call(lambda eng: eng.fail_remote_prefill(rid))
+            await self.loop.submit(FailRemoteKV(rid))
         except EngineDeadError:
             pass
 
@@ -223,15 +225,3 @@ class RemotePrefill:
                 if not self.health.available():
                     logger.info("prefill pool answers again: remote prefill resumes")
                 self.health.record_success(self._clock())
-
-
-def _land(eng: Any, plan: Any, buf: Any, first_token_id: int, cached: int) -> bool:
-    """Write the received KV and resume the request; False if it was aborted meanwhile.
-
-    The check matters: an aborted request's blocks may already belong to someone else.
-    """
-    if not eng.is_waiting_for_remote_kv(plan.request_id):
-        return False
-    eng.write_kv_blocks(plan.block_ids, buf)
-    eng.complete_remote_prefill(plan.request_id, first_token_id, cached)
-    return True

@@ -29,12 +29,16 @@ from cluster.wire import (
     CONTEXT_LENGTH_EXCEEDED,
     DECODE_POOL_UNAVAILABLE,
     INTERNAL_ERROR,
+    AddRequest,
     ApiError,
     GenerateRequest,
+    GetStats,
     ModelInfo,
     PrefillRefused,
     PrefillRequest,
     PrefillResult,
+    ReadExport,
+    ReleaseExport,
     ReplicaStats,
     StreamChunk,
     StreamItem,
@@ -112,7 +116,7 @@ class ReplicaCore:
 
     async def stats(self, remote: RemotePrefill | None = None) -> ReplicaStats:
         """Engine load plus transfer counters (a fresh snapshot, taken between steps)."""
-        engine_stats = await self.loop.call(lambda eng: eng.stats())
+        engine_stats = await self.loop.submit(GetStats())
         return ReplicaStats(
             replica_id=self.replica_id,
             role=self.role,
@@ -164,7 +168,7 @@ class ReplicaCore:
         try:
             try:
                 stream = await self.loop.add_request(
-                    rid, list(request.prompt_token_ids), request.params, remote_prefill=use_remote
+                    AddRequest(rid, request.prompt_token_ids, request.params, remote_prefill=use_remote)
                 )
             except ContextLengthExceeded as e:
                 yield ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=request.prompt_param)
@@ -226,7 +230,7 @@ class ReplicaCore:
         rid = req.prefill_request_id
         try:
             stream = await self.loop.add_request(
-                rid, list(req.prompt_token_ids), req.params, export_from_block=req.first_block_index
+                AddRequest(rid, req.prompt_token_ids, req.params, export_from_block=req.first_block_index)
             )
             final = None
             async for out in stream:
@@ -237,11 +241,11 @@ class ReplicaCore:
             return PrefillRefused((final.error if final else None) or "prefill finished without a KV export")
         export = final.kv_export
         try:
-            buffer = await self.loop.call(lambda eng: eng.read_kv_blocks(export.block_ids))
+            buffer = await self.loop.submit(ReadExport(tuple(export.block_ids)))
             handle = await run_blocking(transport.send, req.endpoint, req.transfer_id, buffer)
         except Exception as e:  # noqa: BLE001 - any failure: the decode side recomputes
             self.num_send_failures += 1
-            await self.loop.call(lambda eng: eng.release_kv_export(rid))
+            await self.loop.submit(ReleaseExport(rid))
             return PrefillRefused(f"{type(e).__name__}: {e}")
         task = asyncio.get_running_loop().create_task(self._finish_send(rid, handle))
         self._tasks.add(task)
@@ -267,6 +271,6 @@ class ReplicaCore:
             logger.warning("KV send for %s failed: %s", rid, e)
         finally:
             try:
-                await self.loop.call(lambda eng: eng.release_kv_export(rid))
+                await self.loop.submit(ReleaseExport(rid))
             except EngineDeadError:
                 pass

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.engine_loop import EngineLoop
+from cluster.wire import GetCacheSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EventPump:
         self._task: asyncio.Task | None = None
 
     async def _snapshot(self) -> Any:
-        return await self._loop.call(lambda eng: eng.cache_snapshot())
+        return await self._loop.submit(GetCacheSnapshot())
 
     def on_events(self, batch: Any) -> None:
         """EngineLoop callback (runs on the event loop): buffer, and start flushing once."""

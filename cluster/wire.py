@@ -4,7 +4,8 @@ Ingress -> decode replica: :class:`GenerateRequest`; the decode replica streams 
 :class:`StreamChunk` values, or one :class:`ApiError` (as a value, then the stream ends).
 Decode replica -> prefill replica: :class:`PrefillRequest`, answered by
 :class:`PrefillResult` or :class:`PrefillRefused`. Any replica -> callers:
-:class:`ModelInfo` and :class:`ReplicaStats`.
+:class:`ModelInfo` and :class:`ReplicaStats`. Inside a replica, the event loop -> step
+thread: one frozen command per engine call (:data:`EngineCommand`).
 
 ``ApiError`` is both the exception the HTTP layer renders (status, OpenAI ``type``,
 message, ``param``, machine-readable ``code``) and the value a replica yields instead of
@@ -14,6 +15,7 @@ raising across a handle; nobody parses a message to pick a status.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cluster.transport.base import TransportEndpoint
 from engine.outputs import EngineStats
@@ -178,3 +180,107 @@ class ReplicaStats:
     # Prefill role: KV buffers delivered, and sends that failed.
     num_sent: int = 0
     num_send_failures: int = 0
+
+
+# --------------------------------------------------------------------------- step-thread commands
+#
+# What the replica's event loop asks of its engine, queued to the step thread
+# (``cluster.engine_loop.EngineLoop.submit``) and run there between two steps. Each is a
+# frozen value with one ``apply(engine)``: the engine is touched by one thread only.
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Queue a request (``remote_prefill``: decode role; ``export_from_block``: prefill role)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    remote_prefill: bool = False
+    export_from_block: int | None = None
+
+    def apply(self, engine: Any) -> None:
+        engine.add_request(self.request_id, list(self.prompt_token_ids), self.params,
+                           remote_prefill=self.remote_prefill, export_from_block=self.export_from_block)
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Stop a request and free its blocks (unknown ids are ignored)."""
+
+    request_id: str
+
+    def apply(self, engine: Any) -> None:
+        engine.abort(self.request_id)
+
+
+@dataclass(frozen=True)
+class GetStats:
+    """A fresh ``EngineStats``."""
+
+    def apply(self, engine: Any) -> EngineStats:
+        return engine.stats()
+
+
+@dataclass(frozen=True)
+class GetCacheSnapshot:
+    """Every cached block now (the KV directory rebuilds from it)."""
+
+    def apply(self, engine: Any) -> Any:
+        return engine.cache_snapshot()
+
+
+@dataclass(frozen=True)
+class ReadExport:
+    """Prefill role: a contiguous copy of exported blocks, ready to send."""
+
+    block_ids: tuple[int, ...]
+
+    def apply(self, engine: Any) -> Any:
+        return engine.kv_transfer.read_blocks(list(self.block_ids))
+
+
+@dataclass(frozen=True)
+class ReleaseExport:
+    """Prefill role: the receiver has the blocks (or gave up); end the lease."""
+
+    request_id: str
+
+    def apply(self, engine: Any) -> None:
+        engine.kv_transfer.release_export(self.request_id)
+
+
+@dataclass(frozen=True)
+class LandRemoteKV:
+    """Decode role: write received KV into the reserved blocks and resume the request.
+
+    ``apply`` returns False (and writes nothing) if the request stopped waiting meanwhile:
+    an aborted request's blocks may already belong to someone else.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    buffer: Any  # torch.Tensor (L, 2, n, block_size, H_kv, D)
+    first_token_id: int
+    num_cached_tokens: int
+
+    def apply(self, engine: Any) -> bool:
+        kv = engine.kv_transfer
+        if not kv.is_waiting(self.request_id):
+            return False
+        kv.write_blocks(list(self.block_ids), self.buffer)
+        kv.complete(self.request_id, self.first_token_id, self.num_cached_tokens)
+        return True
+
+
+@dataclass(frozen=True)
+class FailRemoteKV:
+    """Decode role: the remote prefill failed; recompute the prompt locally."""
+
+    request_id: str
+
+    def apply(self, engine: Any) -> None:
+        engine.kv_transfer.fail(self.request_id)
+
+
+EngineCommand = AddRequest | Abort | GetStats | GetCacheSnapshot | ReadExport | ReleaseExport | LandRemoteKV | FailRemoteKV

@@ -7,21 +7,41 @@ so that a list of blocks can be gathered for transfer in one indexing op.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
-from engine.config import AttentionBackendName, FusedKernels, PrefillAttention
+from engine.config import AttentionBackendName, EngineConfig, FusedKernels, PrefillAttention
 from engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes, use_cuda_graphs
 from engine.forward_context import ForwardContext
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
-from kernels.kv_pack import gather_blocks, scatter_blocks
-from kernels.launch import can_launch
+
+# kernels/ is imported lazily, inside the functions that launch kernels: importing triton
+# fixes its compiled-vs-interpreted mode for the whole process (TRITON_INTERPRET), and the
+# engine must be importable (and usable on CPU) without deciding that.
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers (keys and values)."""
     return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def num_kv_blocks(config: EngineConfig, model_config: Any, dtype: torch.dtype) -> int:
+    """The KV cache's size in blocks: ``num_kv_blocks``, else what ``kv_cache_memory_bytes`` holds."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = kv_bytes_per_block(
+        model_config.num_layers, config.block_size, model_config.num_kv_heads, model_config.head_dim, dtype
+    )
+    num_blocks = config.kv_cache_memory_bytes // per_block
+    if num_blocks < 2:
+        raise ValueError(
+            f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} holds fewer than 2 blocks of {per_block} bytes"
+        )
+    return num_blocks
 
 
 def resolve_fused_kernels(setting: FusedKernels, device: torch.device) -> bool:
@@ -35,6 +55,8 @@ def resolve_fused_kernels(setting: FusedKernels, device: torch.device) -> bool:
     """
     if setting != "on":
         return False
+    from kernels.launch import can_launch  # noqa: PLC0415 - see the note on imports above
+
     if not can_launch(device):
         raise ValueError(
             f"fused_kernels='on' needs triton and a CUDA device (got {device}); on CPU set "
@@ -164,8 +186,12 @@ class ModelRunner:
     # ----------------------------------------------------------- KV transfer
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """(L, 2, n, block_size, H_kv, D) contiguous copy of the given blocks."""
+        from kernels.kv_pack import gather_blocks  # noqa: PLC0415 - see the note on imports above
+
         return gather_blocks(self.kv_cache, block_ids)
 
     def write_blocks(self, block_ids: list[int], buffer: torch.Tensor) -> None:
         """Inverse of :meth:`read_blocks`."""
+        from kernels.kv_pack import scatter_blocks  # noqa: PLC0415 - see the note on imports above
+
         scatter_blocks(self.kv_cache, block_ids, buffer)

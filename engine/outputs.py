@@ -9,7 +9,7 @@ from engine.sampling_params import SamplingParams
 
 @dataclass
 class KVExport:
-    """Prefill role: blocks of a finished prompt, leased until ``release_kv_export``."""
+    """Prefill role: blocks of a finished prompt, leased until ``kv_transfer.release_export``."""
 
     # This engine's block ids holding block indices first_block_index.. of the prompt.
     block_ids: list[int]

@@ -1,6 +1,6 @@
 """The KV transport interface: how a prefill replica ships KV blocks to a decode replica.
 
-A transfer moves one contiguous buffer (blocks packed by the engine's ``read_kv_blocks``)
+A transfer moves one contiguous buffer (blocks packed by the engine's ``kv_transfer.read_blocks``)
 from a sender (prefill) to a receiver (decode). The receiver *listens*: it publishes a
 ``TransportEndpoint`` that travels inside the prefill request. The sender *sends* to that
 endpoint, tagged with a ``transfer_id`` the receiver chose, and reports back which pair

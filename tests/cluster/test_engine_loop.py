@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cluster.engine_loop import EngineDeadError, EngineLoop
+from cluster.wire import AddRequest
 
 
 @dataclass
@@ -61,7 +62,11 @@ class _CountingEngine:
                 del self.reqs[rid]
         return outs
 
-    def take_remote_prefill_plans(self):
+    @property
+    def kv_transfer(self):  # the engine's KV-transfer facade: plans only, here
+        return self
+
+    def take_plans(self):
         p, self.plans = self.plans, []
         return p
 
@@ -80,13 +85,13 @@ def test_streams_calls_and_single_thread() -> None:
     async def main() -> None:
         loop = EngineLoop(lambda: eng, on_plans=seen_plans.extend)
         await loop.start()
-        s1 = await loop.add_request("a", [1], 3)
-        s2 = await loop.add_request("b", [1], 5, remote_prefill=True)
+        s1 = await loop.add_request(AddRequest("a", (1,), 3))
+        s2 = await loop.add_request(AddRequest("b", (1,), 5, remote_prefill=True))
         toks_a = [o.new_token_ids[0] async for o in s1]
         toks_b = [o.new_token_ids[0] async for o in s2]
         assert toks_a == [1, 2, 3] and toks_b == [1, 2, 3, 4, 5]
         with pytest.raises(ValueError, match="empty"):
-            await loop.add_request("c", [], 3)
+            await loop.add_request(AddRequest("c", (), 3))
         assert await loop.call(lambda e: len(e.reqs)) == 0
         loop.shutdown()
         with pytest.raises(EngineDeadError):
@@ -103,7 +108,7 @@ def test_abandoned_stream_aborts_request() -> None:
     async def main() -> None:
         loop = EngineLoop(lambda: eng)
         await loop.start()
-        stream = await loop.add_request("long", [1], 10_000)
+        stream = await loop.add_request(AddRequest("long", (1,), 10_000))
         async for _ in stream:
             break  # consumer goes away (e.g. client disconnected)
         await asyncio.sleep(0.2)
@@ -119,7 +124,7 @@ def test_crash_fails_waiters_instead_of_hanging() -> None:
     async def main() -> None:
         loop = EngineLoop(lambda: eng)
         await loop.start()
-        stream = await loop.add_request("x", [1], 3)
+        stream = await loop.add_request(AddRequest("x", (1,), 3))
         with pytest.raises(EngineDeadError):
             async for _ in stream:
                 pass
@@ -146,7 +151,7 @@ def test_events_drained_and_stats_snapshotted_without_listeners() -> None:
     async def main() -> None:
         loop = EngineLoop(lambda: eng, idle_tick_s=0.01, stats_period_s=0.01)
         await loop.start()
-        stream = await loop.add_request("a", [1], 2)
+        stream = await loop.add_request(AddRequest("a", (1,), 2))
         async for _ in stream:
             pass
         await asyncio.sleep(0.1)

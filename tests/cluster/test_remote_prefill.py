@@ -30,17 +30,21 @@ class FakeEngine:
         self.landed: list[tuple[str, int, int]] = []
         self.written: list[list[int]] = []
 
-    def is_waiting_for_remote_kv(self, rid: str) -> bool:
+    @property
+    def kv_transfer(self) -> FakeEngine:  # the KV-transfer facade is this fake too
+        return self
+
+    def is_waiting(self, rid: str) -> bool:
         return rid in self.waiting
 
-    def write_kv_blocks(self, block_ids, buf) -> None:
+    def write_blocks(self, block_ids, buf) -> None:
         self.written.append(list(block_ids))
 
-    def complete_remote_prefill(self, rid: str, first: int, cached: int) -> None:
+    def complete(self, rid: str, first: int, cached: int) -> None:
         self.waiting.discard(rid)
         self.landed.append((rid, first, cached))
 
-    def fail_remote_prefill(self, rid: str) -> None:
+    def fail(self, rid: str) -> None:
         self.waiting.discard(rid)
         self.recomputed.append(rid)
 
@@ -49,8 +53,8 @@ class FakeLoop:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
 
-    async def call(self, fn):
-        return fn(self.engine)
+    async def submit(self, command):
+        return command.apply(self.engine)
 
 
 class FakeMetrics:

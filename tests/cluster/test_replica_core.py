@@ -65,7 +65,11 @@ class FakeEngine:
     def abort(self, rid: str) -> None:
         self.requests.pop(rid, None)
 
-    def take_remote_prefill_plans(self) -> list:
+    @property
+    def kv_transfer(self) -> FakeEngine:  # the KV-transfer facade is this fake too
+        return self
+
+    def take_plans(self) -> list:
         return []
 
     def take_events(self):
@@ -74,10 +78,10 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.requests), num_free_blocks=10, num_total_blocks=10)
 
-    def read_kv_blocks(self, block_ids):
+    def read_blocks(self, block_ids):
         return torch.zeros(1, 2, len(block_ids), 16, 1, 2)
 
-    def release_kv_export(self, rid: str) -> None:
+    def release_export(self, rid: str) -> None:
         self.exports.discard(rid)
 
 

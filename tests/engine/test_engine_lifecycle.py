@@ -215,10 +215,10 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
     def run_disaggregated(rid: str, fail: bool = False) -> tuple[list[int], bool]:
         dec.add_request(rid, prompt, params, remote_prefill=True)
         assert dec.step() == []
-        (plan,) = dec.take_remote_prefill_plans()
+        (plan,) = dec.kv_transfer.take_plans()
         assert dec.stats().num_waiting_for_remote_kv == 1
         if fail:
-            dec.fail_remote_prefill(rid)
+            dec.kv_transfer.fail(rid)
         else:
             pre.add_request(rid, plan.prompt_token_ids, plan.params, export_from_block=plan.first_block_index)
             outs = []
@@ -226,11 +226,11 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
                 outs.extend(pre.step())
             final = outs[-1]
             assert final.finished and final.kv_export is not None and len(final.token_ids) == 1
-            buf = pre.read_kv_blocks(final.kv_export.block_ids)
+            buf = pre.kv_transfer.read_blocks(final.kv_export.block_ids)
             assert buf.shape[2] == len(plan.block_ids)
-            dec.write_kv_blocks(plan.block_ids, buf)
-            pre.release_kv_export(rid)
-            dec.complete_remote_prefill(rid, final.token_ids[0], final.num_cached_tokens)
+            dec.kv_transfer.write_blocks(plan.block_ids, buf)
+            pre.kv_transfer.release_export(rid)
+            dec.kv_transfer.complete(rid, final.token_ids[0], final.num_cached_tokens)
         outs = []
         while dec.has_unfinished_requests():
             outs.extend(dec.step())
@@ -246,10 +246,10 @@ def test_disaggregated_prefill_then_decode_matches_mixed(tiny_model_dir) -> None
     # An aborted request no longer accepts KV: its reserved blocks are gone.
     dec.add_request("x4", prompt, params, remote_prefill=True)
     dec.step()
-    (plan,) = dec.take_remote_prefill_plans()
-    assert dec.is_waiting_for_remote_kv("x4")
+    (plan,) = dec.kv_transfer.take_plans()
+    assert dec.kv_transfer.is_waiting("x4")
     dec.abort("x4")
-    assert not dec.is_waiting_for_remote_kv("x4")
+    assert not dec.kv_transfer.is_waiting("x4")
     assert dec.step()[0].finish_reason == "abort"
     assert dec.pool.num_free_blocks == dec.pool.num_blocks
     # Leases that are never released expire.
