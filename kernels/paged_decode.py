@@ -226,35 +226,14 @@ def paged_decode(
     values when capturing a CUDA graph, since the grid is baked into the graph. Without
     it the bound is the whole block table.
     """
-    name = "paged_decode"
-    check_launchable(name, q, k_cache, v_cache, block_tables, context_lens)
-    check_shape(name, "q", q, (None, None, None))
-    check_shape(name, "k_cache", k_cache, (None, None, None, q.shape[2]))
+    out = _check_args(q, k_cache, v_cache, block_tables, context_lens, out)
     batch, h, d = q.shape
-    nb, bs, h_kv, _ = k_cache.shape
-    check_shape(name, "v_cache", v_cache, (nb, bs, h_kv, d))
-    check_shape(name, "block_tables", block_tables, (batch, None))
-    check_shape(name, "context_lens", context_lens, (batch,))
-    check_dtype(name, "q", q, FLOAT_DTYPES)
-    check_dtype(name, "k_cache", k_cache, (q.dtype,))
-    check_dtype(name, "v_cache", v_cache, (q.dtype,))
-    check_dtype(name, "block_tables", block_tables, (torch.int32,))
-    check_dtype(name, "context_lens", context_lens, (torch.int32,))
-    out = check_paged_layout_and_out(name, q, k_cache, v_cache, block_tables, out)
+    _, bs, h_kv, _ = k_cache.shape
     if batch == 0:
         return out
-
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * bs
-    max_context_len = max(1, max_context_len)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, h_kv, max_context_len)
-    if num_splits < 1:
-        raise ValueError(f"{name}: num_splits must be positive, got {num_splits}")
-    # Drop splits that even the longest context leaves empty (the kernel sizes each
-    # sequence's splits from its own length, in whole BLOCK_N tiles).
-    longest_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(max_context_len, longest_split)
+    num_splits = _num_useful_splits(max(1, max_context_len), num_splits, batch, h_kv)
     group = h // h_kv
     consts = dict(
         H=h, H_KV=h_kv, D=d, BLOCK_SIZE=bs, GROUP=group,
@@ -282,3 +261,41 @@ def paged_decode(
         H=h, D=d, BLOCK_S=min(MERGE_BLOCK_S, next_power_of_2(num_splits)), BLOCK_D=next_power_of_2(d),
     )
     return out
+
+
+def _check_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Shapes, dtypes and strides of :func:`paged_decode`'s arguments; returns ``out``."""
+    name = "paged_decode"
+    check_launchable(name, q, k_cache, v_cache, block_tables, context_lens)
+    check_shape(name, "q", q, (None, None, None))
+    check_shape(name, "k_cache", k_cache, (None, None, None, q.shape[2]))
+    batch, _, d = q.shape
+    nb, bs, h_kv, _ = k_cache.shape
+    check_shape(name, "v_cache", v_cache, (nb, bs, h_kv, d))
+    check_shape(name, "block_tables", block_tables, (batch, None))
+    check_shape(name, "context_lens", context_lens, (batch,))
+    check_dtype(name, "q", q, FLOAT_DTYPES)
+    check_dtype(name, "k_cache", k_cache, (q.dtype,))
+    check_dtype(name, "v_cache", v_cache, (q.dtype,))
+    check_dtype(name, "block_tables", block_tables, (torch.int32,))
+    check_dtype(name, "context_lens", context_lens, (torch.int32,))
+    return check_paged_layout_and_out(name, q, k_cache, v_cache, block_tables, out)
+
+
+def _num_useful_splits(max_context_len: int, num_splits: int | None, batch: int, num_kv_heads: int) -> int:
+    """``num_splits`` (or the occupancy-based choice) minus the splits every context leaves empty."""
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context_len)
+    if num_splits < 1:
+        raise ValueError(f"paged_decode: num_splits must be positive, got {num_splits}")
+    # The kernel sizes each sequence's splits from its own length, in whole BLOCK_N tiles,
+    # so splits past the longest context's last tile would only compute nothing.
+    longest_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(max_context_len, longest_split)
