@@ -16,6 +16,7 @@ from cluster.config import PoolConfig, ServeConfig
 from cluster.decode import DecodeServer
 from cluster.ingress import Ingress
 from cluster.prefill import PrefillServer
+from router.serve_routers import request_router_config
 
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:
@@ -26,16 +27,11 @@ def _actor_options(pool: PoolConfig) -> dict[str, Any]:
 
 
 def _router_options(cfg: ServeConfig, pool_name: str) -> dict[str, Any]:
-    """Serve deployment options that plug kvferry's RequestRouters in (router issue)."""
-    if cfg.request_router == "default":
+    """Serve deployment options that plug kvferry's RequestRouters in (the default)."""
+    if cfg.routing.request_router == "default":
         return {}
-    try:
-        from router.serve_routers import request_router_config  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise ValueError(
-            "request_router='kvferry' needs router.serve_routers.request_router_config(pool_name, cfg)"
-        ) from e
-    return {"request_router_config": request_router_config(pool_name, cfg)}
+    knobs = cfg.routing.model_dump(exclude={"request_router", "stats_period_s"})
+    return {"request_router_config": request_router_config(pool_name, knobs, cfg.routing.stats_period_s)}
 
 
 def _pool_options(cfg: ServeConfig, name: str, pool: PoolConfig) -> dict[str, Any]:

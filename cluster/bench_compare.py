@@ -92,7 +92,7 @@ def main(
         # Every prompt through the prefill pool and the transport (no local-prefill shortcut):
         # what the ferry itself costs on this box.
         "disaggregated_remote_only": ServeConfig.model_validate(
-            {**base, "mode": "disaggregated", "app_name": "disagg-remote", "cache": {"local_prefill_threshold": 0}}
+            {**base, "mode": "disaggregated", "app_name": "disagg-remote", "engine": {"local_prefill_threshold": 0}}
         ),
     }
     results: dict[str, Any] = {}

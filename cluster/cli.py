@@ -107,8 +107,8 @@ def serve(
         "decode.num_replicas": decode_replicas,
         "mixed.num_replicas": mixed_replicas,
         "mode": mode,
-        "model.block_size": block_size,
-        "model.kv_cache_memory_bytes": kv_cache_memory_bytes,
+        "engine.block_size": block_size,
+        "engine.kv_cache_memory_bytes": kv_cache_memory_bytes,
     }
     if num_gpus is not None:
         overrides.update({"prefill.num_gpus": num_gpus, "decode.num_gpus": num_gpus, "mixed.num_gpus": num_gpus})

@@ -1,8 +1,11 @@
-"""Serving configuration: pydantic models loadable from YAML and overridable by CLI flags.
+"""Serving configuration: one pydantic model, loadable from YAML and overridable by CLI flags.
 
-One ``ServeConfig`` describes a whole deployment: the model, the KV cache, the two pools
-(prefill and decode, or one ``mixed`` pool for colocated serving), the prompt-cache TTLs,
-the transport and the HTTP front. Every model forbids unknown keys so a typo in a YAML
+One ``ServeConfig`` describes a whole deployment: the served model, the engine settings
+(``engine``: ``engine.EngineConfig`` itself, embedded, so every engine setting has one
+default and one validation), the pools (prefill and decode, or one ``mixed`` pool for
+colocated serving) each with its Ray resources and optional per-pool ``engine``
+overrides, the prompt-cache tenancy, the transport, the HTTP front, prefill-pool
+failover and the routing policy. Every model forbids unknown keys, so a typo in a YAML
 file fails loudly instead of silently using a default.
 
 Defaults fit a 2-CPU laptop/CI box: fractional ``num_cpus`` per replica so ingress and both
@@ -12,12 +15,17 @@ pools fit in a Ray cluster started with 4 logical CPUs, and one torch thread per
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.config import EngineConfig
+
+Role = Literal["prefill", "decode", "mixed"]
+# Engine settings each replica gets from its pool and its place, never from the file.
+PER_REPLICA_ENGINE_KEYS = ("role", "replica_id", "device", "num_threads")
 
 
 class _Strict(BaseModel):
@@ -30,73 +38,37 @@ class PoolConfig(_Strict):
     """One pool of identical replicas (the prefill pool, the decode pool or a mixed pool)."""
 
     num_replicas: int = Field(1, ge=0, description="Number of replicas in this pool (0 disables it).")
-    num_cpus: float = Field(
-        0.5, gt=0, description="Ray logical CPUs reserved per replica (fractional is fine on CPU)."
-    )
+    num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per replica (fractional is fine on CPU).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; > 0 runs the engine on CUDA.")
-    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads in each replica.")
-    max_num_seqs: int = Field(64, ge=1, description="Maximum concurrently running sequences per replica.")
-    max_num_batched_tokens: int = Field(
-        512, ge=1, description="Per-step token budget of the scheduler (chunked prefill)."
-    )
-    max_ongoing_requests: int = Field(
-        64, ge=1, description="Ray Serve's cap on requests in flight per replica."
-    )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads in each replica (the engine's num_threads).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Ray Serve's cap on requests in flight per replica.")
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Extra Ray custom resources per replica (pins a pool to labelled nodes on KubeRay).",
     )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the top-level `engine` settings for this pool only (same keys).",
+    )
 
 
-class ModelConfig(_Strict):
-    """Which model to serve and how to hold its weights and KV cache."""
+class ServedModelConfig(_Strict):
+    """Which model to serve, under which name."""
 
     model: str = Field(
-        "default",
-        description='HF model directory, a .gguf file, or "default" (embedded SmolLM2-135M-Instruct).',
+        "default", description='HF model directory, a .gguf file, or "default" (embedded SmolLM2-135M-Instruct).'
     )
     served_model_name: str | None = Field(
         None, description="Name clients send as `model`; defaults to the engine's model id."
     )
-    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
-    kv_cache_memory_bytes: int | None = Field(
-        256 * 1024 * 1024, ge=1, description="KV cache budget per replica in bytes (None: num_kv_blocks)."
-    )
-    num_kv_blocks: int | None = Field(
-        None, ge=1, description="Exact number of KV blocks per replica; overrides the byte budget."
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights and KV dtype."
-    )
-    attention_backend: Literal["torch", "triton", "flash_attn"] = Field(
-        "torch", description='Attention backend: "torch" (SDPA; CPU), "triton" (GPU) or "flash_attn" (GPU, optional package).'
-    )
-    fused_kernels: Literal["auto", "on", "off"] = Field(
-        "auto", description="Fused Triton residual+RMSNorm and rotary kernels (auto: off until measured on a GPU)."
-    )
-    prefill_attention: Literal["auto", "triton", "sdpa"] = Field(
-        "auto", description='Prefill path of the "triton" backend: the varlen paged kernel or torch SDPA.'
-    )
-    enforce_eager: bool = Field(False, description="Never capture CUDA graphs for decode steps.")
-    max_model_len: int | None = Field(None, ge=1, description="Context limit; None = the model's own.")
     default_max_tokens: int = Field(
         256, ge=1, description="Tokens generated when a request sets no max_tokens (capped by the context)."
     )
 
 
 class CacheConfig(_Strict):
-    """Prompt-cache TTLs (provider-style: sliding window, longer retention on request)."""
+    """Who may hit whose prompt cache (the TTLs are engine settings: `engine.default_ttl_s`...)."""
 
-    default_ttl_s: float = Field(300.0, gt=0, description="TTL of cached blocks when a request asks for none.")
-    max_ttl_s: float = Field(3600.0, gt=0, description="Longest TTL a request may ask for (longer is clamped).")
-    local_prefill_threshold: int = Field(
-        64,
-        ge=0,
-        description="Decode replicas prefill locally when fewer uncached prompt tokens than this remain.",
-    )
-    export_lease_timeout_s: float = Field(
-        30.0, gt=0, description="Prefill replicas free exported blocks the decode side never released."
-    )
     tenant_isolation: Literal["api_key", "none"] = Field(
         "api_key",
         description=(
@@ -105,12 +77,6 @@ class CacheConfig(_Strict):
             "anonymous tenant. none: every request shares one cache."
         ),
     )
-
-    @model_validator(mode="after")
-    def _ttl_order(self) -> CacheConfig:
-        if self.default_ttl_s > self.max_ttl_s:
-            raise ValueError(f"default_ttl_s ({self.default_ttl_s}) exceeds max_ttl_s ({self.max_ttl_s})")
-        return self
 
 
 class TransportConfig(_Strict):
@@ -157,6 +123,35 @@ class FailoverConfig(_Strict):
     )
 
 
+class RoutingConfig(_Strict):
+    """kvferry's cache-affinity RequestRouters (``router.policy``'s knobs)."""
+
+    request_router: Literal["kvferry", "default"] = Field(
+        "kvferry",
+        description="kvferry: cache-affinity routing (directory + load); default: Serve's power-of-two choices.",
+    )
+    uncached_weight: float = Field(
+        1.0, ge=0, description="Prefill pool: weight of a request's own uncached tokens against the queue ahead."
+    )
+    imbalance_ratio: float = Field(
+        2.0, ge=1, description="Prefill pool: a queue longer than ratio x the shortest (+ imbalance_abs_tokens) is demoted."
+    )
+    imbalance_abs_tokens: int = Field(32_768, ge=0, description="Prefill pool: absolute slack of that valve, tokens.")
+    affinity_weight: float = Field(
+        0.5, ge=0, le=1, description="Decode pool: what a fully cached conversation is worth, in units of load."
+    )
+    imbalance_load: float = Field(
+        0.5, ge=0, description="Decode pool: replicas this much load above the least loaded are demoted."
+    )
+    lookup_timeout_s: float = Field(
+        0.25, gt=0, description="The KV directory must answer within this; else power-of-two choices."
+    )
+    speculative_ttl_s: float = Field(
+        10.0, gt=0, description="How long a router remembers where it sent a prefix before the directory knows."
+    )
+    stats_period_s: float = Field(1.0, gt=0, description="How often Serve refreshes each replica's load snapshot.")
+
+
 class ServeConfig(_Strict):
     """The whole serving application."""
 
@@ -164,8 +159,11 @@ class ServeConfig(_Strict):
         "disaggregated",
         description="disaggregated: prefill + decode pools; colocated: one pool of `mixed` replicas.",
     )
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Model and KV cache.")
-    cache: CacheConfig = Field(default_factory=CacheConfig, description="Prompt-cache TTLs.")
+    model: ServedModelConfig = Field(default_factory=ServedModelConfig, description="The served model.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="Engine settings of every replica (pools may override keys)."
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Prompt-cache tenancy.")
     prefill: PoolConfig = Field(default_factory=PoolConfig, description="The prefill pool.")
     decode: PoolConfig = Field(default_factory=PoolConfig, description="The decode pool.")
     mixed: PoolConfig = Field(
@@ -181,11 +179,23 @@ class ServeConfig(_Strict):
     failover: FailoverConfig = Field(
         default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
     )
-    request_router: Literal["default", "kvferry"] = Field(
-        "default", description="Serve's default routing or kvferry's cache-affinity RequestRouters."
-    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing between replicas.")
     app_name: str = Field("kvferry", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
+
+    @model_validator(mode="after")
+    def _engines_resolve(self) -> ServeConfig:
+        """Every pool's engine settings validate now, not when a replica starts."""
+        defaults = EngineConfig()
+        for key in PER_REPLICA_ENGINE_KEYS:
+            if getattr(self.engine, key) != getattr(defaults, key):
+                raise ValueError(f"engine.{key} is set per replica from its pool; remove it from `engine`")
+        for role in ("prefill", "decode", "mixed"):
+            bad = sorted(set(self.pool(role).engine) & set(PER_REPLICA_ENGINE_KEYS))
+            if bad:
+                raise ValueError(f"{role}.engine: {bad} are set per replica; remove them")
+            self.engine_config(role, f"{role}-check")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServeConfig:
@@ -219,37 +229,31 @@ class ServeConfig(_Strict):
         """The pool config of a role ("prefill", "decode" or "mixed")."""
         return {"prefill": self.prefill, "decode": self.decode, "mixed": self.mixed}[role]
 
-    def engine_options(self, role: str, replica_id: str) -> dict[str, Any]:
-        """Keyword arguments for ``engine.LLMEngine.from_pretrained`` for one replica."""
+    def engine_config(self, role: str, replica_id: str) -> EngineConfig:
+        """The engine settings of one replica: ``engine``, its pool's overrides, its place."""
         pool = self.pool(role)
-        return {
+        return EngineConfig.model_validate({
+            **self.engine.model_dump(),
+            **pool.engine,
             "role": role,
             "replica_id": replica_id,
-            "block_size": self.model.block_size,
-            "kv_cache_memory_bytes": self.model.kv_cache_memory_bytes,
-            "num_kv_blocks": self.model.num_kv_blocks,
-            "max_num_seqs": pool.max_num_seqs,
-            "max_num_batched_tokens": pool.max_num_batched_tokens,
-            "max_model_len": self.model.max_model_len,
-            "default_ttl_s": self.cache.default_ttl_s,
-            "max_ttl_s": self.cache.max_ttl_s,
-            "local_prefill_threshold": self.cache.local_prefill_threshold if role == "decode" else 0,
-            "export_lease_timeout_s": self.cache.export_lease_timeout_s,
-            "dtype": self.model.dtype,
             "device": "cuda" if pool.num_gpus > 0 else "cpu",
-            "attention_backend": self.model.attention_backend,
-            "fused_kernels": self.model.fused_kernels,
-            "prefill_attention": self.model.prefill_attention,
-            "enforce_eager": self.model.enforce_eager,
             "num_threads": pool.torch_threads,
-            # Wall clock, not monotonic: block expiries travel in KV events to the directory
-            # actor, which compares them with its own time.time() (other process, other node).
-            "clock": time.time,
-        }
+        })
+
+    @property
+    def front_role(self) -> Role:
+        """The pool the ingress sends requests to."""
+        return "decode" if self.mode == "disaggregated" else "mixed"
 
     def to_yaml(self) -> str:
         """Dump as YAML (round-trips through ``from_yaml``)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Wall clock, not monotonic, for serving engines: block expiries travel in KV events to the
+# directory actor, which compares them with its own time.time() (other process, other node).
+SERVING_CLOCK = time.time
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:

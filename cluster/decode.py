@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from cluster.config import ServeConfig
+from cluster.config import SERVING_CLOCK, ServeConfig
 from cluster.metrics import ReplicaMetrics
 from cluster.prefill_health import HealthSettings
 from cluster.remote_prefill import RemotePrefill
@@ -37,15 +37,15 @@ class DecodeServer:
 
         cfg = ServeConfig.model_validate(config)
         role = "decode" if prefill is not None else "mixed"
-        pool = cfg.pool(role)
-        limit_threads(pool.torch_threads)
+        limit_threads(cfg.pool(role).torch_threads)
         rid = replica_id(f"{role}-local")
-        opts = cfg.engine_options(role, rid)
-        routed = cfg.request_router == "kvferry"
+        engine_cfg = cfg.engine_config(role, rid)
+        routed = cfg.routing.request_router == "kvferry"
         self.metrics = ReplicaMetrics()
         self.core = ReplicaCore(
-            role, rid, lambda: LLMEngine.from_pretrained(cfg.model.model, **opts), self.metrics,
-            max_num_seqs=pool.max_num_seqs,
+            role, rid, lambda: LLMEngine.from_pretrained(cfg.model.model, config=engine_cfg, clock=SERVING_CLOCK),
+            self.metrics,
+            max_num_seqs=engine_cfg.max_num_seqs,
             on_plans=(lambda plans: self.remote.on_plans(plans)) if prefill is not None else None,
             # KV events feed the pool's directory only when kvferry's routers use it.
             on_events=(lambda batch: self._pump.on_events(batch)) if routed else None,

@@ -94,6 +94,8 @@ class Ingress:
         from engine.tokenizer import load_tokenizer
 
         self.cfg = ServeConfig.model_validate(config)
+        # The pool the ingress talks to: its engine settings bound what requests may ask.
+        self.front_engine = self.cfg.engine_config(self.cfg.front_role, "ingress")
         api.state.max_request_bytes = self.cfg.http.max_request_bytes
         self.decode = decode
         self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
@@ -151,7 +153,7 @@ class Ingress:
         kw["max_tokens"] = kw["max_tokens"] or min(self.cfg.model.default_max_tokens, info.max_model_len - len(ids))
         if kw["cache_ttl_s"] is not None:
             # Providers clamp long retention requests ("24h") to what they offer.
-            kw["cache_ttl_s"] = min(kw["cache_ttl_s"], self.cfg.cache.max_ttl_s)
+            kw["cache_ttl_s"] = min(kw["cache_ttl_s"], self.front_engine.max_ttl_s)
         key = api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
         kw["cache_salt"] = cache_salt(key, self.cfg.cache.tenant_isolation)
         try:
@@ -160,7 +162,7 @@ class Ingress:
             raise ApiError(400, str(e)) from e
         gen_request = GenerateRequest(request.state.request_id, tuple(ids), params, param)
         hints = None
-        if self.cfg.request_router == "kvferry":  # the routers need the prompt's block hashes
+        if self.cfg.routing.request_router == "kvferry":  # the routers need the prompt's block hashes
             hints = routing_hints(ids, info.block_size, info.model_id, params.cache_salt)
         return gen_request, hints
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray import serve
 
-from cluster.config import ServeConfig
+from cluster.config import SERVING_CLOCK, ServeConfig
 from cluster.metrics import ReplicaMetrics
 from cluster.replica import ReplicaCore
 from cluster.replica_setup import build_transport, limit_threads, replica_id
@@ -31,11 +31,13 @@ class PrefillServer:
         cfg = ServeConfig.model_validate(config)
         limit_threads(cfg.prefill.torch_threads)
         rid = replica_id("prefill-local")
-        opts = cfg.engine_options("prefill", rid)
-        routed = cfg.request_router == "kvferry"
+        engine_cfg = cfg.engine_config("prefill", rid)
+        routed = cfg.routing.request_router == "kvferry"
         self.core = ReplicaCore(
-            "prefill", rid, lambda: LLMEngine.from_pretrained(cfg.model.model, **opts), ReplicaMetrics(),
-            max_num_seqs=cfg.prefill.max_num_seqs,
+            "prefill", rid,
+            lambda: LLMEngine.from_pretrained(cfg.model.model, config=engine_cfg, clock=SERVING_CLOCK),
+            ReplicaMetrics(),
+            max_num_seqs=engine_cfg.max_num_seqs,
             transfer_timeout_s=cfg.transport.transfer_timeout_s,
             # KV events feed the pool's directory only when kvferry's routers use it.
             on_events=(lambda batch: self._pump.on_events(batch)) if routed else None,

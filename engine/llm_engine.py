@@ -105,16 +105,24 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path = "default", *, clock: Callable[[], float] | None = None, **options: Any
+        cls,
+        model: str | Path = "default",
+        *,
+        config: EngineConfig | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
     ) -> LLMEngine:
-        """Load ``model`` (HF dir, .gguf file or "default") with ``EngineConfig`` ``options``.
+        """Load ``model`` (HF dir, .gguf file or "default") with an ``EngineConfig``.
 
-        A misspelt option raises a ``ValueError`` naming the valid ones.
+        Pass a whole ``config``, or ``EngineConfig`` fields as keyword ``options`` (applied on
+        top of ``config`` when both are given). A misspelt option raises a ``ValueError``
+        naming the valid ones.
         """
         # Imported here: the loader pulls in transformers and gguf, which only loading needs.
         from engine.loader import load_model, resolve_model_path, served_model_name  # noqa: PLC0415
 
-        config = EngineConfig.model_validate(options)
+        if config is None or options:
+            config = EngineConfig.model_validate({**(config.model_dump() if config else {}), **options})
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None

@@ -19,7 +19,8 @@ Per request (``choose_replicas``):
 3. ``await`` the directory's lookup with a short timeout (never ``ray.get`` on the loop);
    merge this router's speculative entries.
 4. Call the pure policy and return one rank per replica, best first. If the directory is
-   unreachable or slow, fall back to power-of-two choices.
+   unreachable or slow, fall back to power-of-two choices (built on Serve's public
+   ``LocalityMixin``, no private class).
 
 Replica ids in the directory are Serve's full replica ids
 (``serve.get_replica_context().replica_id.to_full_id_str()``): replicas must give that
@@ -30,10 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
-from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import (
     FIFOMixin,
     LocalityMixin,
@@ -115,6 +116,15 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
         raise NotImplementedError
 
+    def _power_of_two(
+        self, candidates: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        """Serve's fallback policy through its public API: two random replicas (same-node ones
+        first, via LocalityMixin) in one rank; Serve sends the request to the less loaded."""
+        preferred = self.apply_locality_routing(pending_request) if pending_request is not None else set()
+        pool = [r for r in candidates if r.replica_id in preferred] or list(candidates)
+        return [random.sample(pool, min(2, len(pool)))] if pool else []
+
     # -- RequestRouter API ------------------------------------------------------------
 
     async def choose_replicas(
@@ -126,7 +136,7 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         hints = find_hints(pending_request.args, pending_request.kwargs) if pending_request else None
         matches = await self._matches(hints) if hints is not None and candidate_replicas else None
         if hints is None or matches is None:
-            return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+            return self._power_of_two(candidate_replicas, pending_request)
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size)
         ranked = self._rank(info, [self._load(r) for r in candidate_replicas], matches)
@@ -202,17 +212,25 @@ class DecodeRequestRouter(_KVAwareRouter):
         return rank_decode_replicas(info, loads, matches, self._config)
 
 
-def request_router_config(pool_name: str, cfg: Any = None, stats_period_s: float = 1.0) -> Any:
+_PREFILL_KNOBS = ("imbalance_ratio", "imbalance_abs_tokens", "uncached_weight")
+_DECODE_KNOBS = ("affinity_weight", "imbalance_load")
+_SHARED_KNOBS = ("lookup_timeout_s", "speculative_ttl_s")
+
+
+def request_router_config(pool_name: str, knobs: dict[str, Any] | None = None, stats_period_s: float = 1.0) -> Any:
     """Serve ``RequestRouterConfig`` for one pool: "prefill" ranks by TTFT, others by decode.
 
-    ``cfg`` (the cluster's ServeConfig) is accepted for future knobs and not read yet.
+    ``knobs``: policy settings by name (the cluster passes its ``RoutingConfig``); each pool's
+    router receives the ones its policy reads.
     """
     from ray.serve.config import RequestRouterConfig
 
-    cls = PrefillRequestRouter if pool_name == "prefill" else DecodeRequestRouter
+    knobs = knobs or {}
+    prefill = pool_name == "prefill"
+    names = _SHARED_KNOBS + (_PREFILL_KNOBS if prefill else _DECODE_KNOBS)
     return RequestRouterConfig(
-        request_router_class=cls,
-        request_router_kwargs={"pool": pool_name},
+        request_router_class=PrefillRequestRouter if prefill else DecodeRequestRouter,
+        request_router_kwargs={"pool": pool_name, **{k: knobs[k] for k in names if k in knobs}},
         # The policy reads record_routing_stats(); Serve's 10 s default is too stale.
         request_routing_stats_period_s=stats_period_s,
     )

@@ -48,8 +48,8 @@ def server(ray_cluster, tiny_model: Path):
     cfg = ServeConfig.model_validate(
         {
             "app_name": APP,
-            "model": {"model": str(tiny_model), "num_kv_blocks": 256, "block_size": 16},
-            "cache": {"local_prefill_threshold": 8},
+            "model": {"model": str(tiny_model)},
+            "engine": {"num_kv_blocks": 256, "block_size": 16, "local_prefill_threshold": 8},
             "transport": {"transfer_timeout_s": 3.0, "connect_timeout_s": 10.0},
             "http": {"port": port, "prefill_timeout_s": 30.0},
         }

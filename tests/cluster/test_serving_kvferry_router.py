@@ -30,9 +30,9 @@ def routed_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     cfg = ServeConfig.model_validate(
         {
             "app_name": APP,
-            "request_router": "kvferry",
-            "model": {"model": str(model), "num_kv_blocks": 256},
-            "cache": {"local_prefill_threshold": 8},
+            "routing": {"request_router": "kvferry"},
+            "model": {"model": str(model)},
+            "engine": {"num_kv_blocks": 256, "local_prefill_threshold": 8},
             "decode": {"num_replicas": 2, "num_cpus": 0.5},
             "http": {"port": port},
         }
