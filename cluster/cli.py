@@ -14,10 +14,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from cluster.config import ServeConfig
 
 app = typer.Typer(help="kvferry: disaggregated LLM serving on Ray Serve.", no_args_is_help=True)
 console = Console()
@@ -94,24 +97,13 @@ def serve(
     deploy_timeout_s: float = typer.Option(900.0, help="Give up if models are not loaded by then."),
 ) -> None:
     """Start Ray (or join one), deploy kvferry, print the URL, serve until Ctrl-C."""
-    import ray
-    from ray import serve as rserve
-
     from cluster.config import load_config
 
-    overrides = {
-        "model.model": model,
-        "http.host": host,
-        "http.port": port,
-        "prefill.num_replicas": prefill_replicas,
-        "decode.num_replicas": decode_replicas,
-        "mixed.num_replicas": mixed_replicas,
-        "mode": mode,
-        "engine.block_size": block_size,
-        "engine.kv_cache_memory_bytes": kv_cache_memory_bytes,
-    }
-    if num_gpus is not None:
-        overrides.update({"prefill.num_gpus": num_gpus, "decode.num_gpus": num_gpus, "mixed.num_gpus": num_gpus})
+    overrides = _serve_overrides(
+        model=model, host=host, port=port, prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,
+        mode=mode, mixed_replicas=mixed_replicas, block_size=block_size,
+        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpus=num_gpus,
+    )
     try:
         cfg = load_config(config, overrides)
     except (ValueError, OSError) as e:
@@ -123,6 +115,45 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _start_ray(cfg, address, num_cpus)
+    raise typer.Exit(_serve_until_stopped(cfg, deploy_timeout_s, stop))
+
+
+def _serve_overrides(
+    *,
+    model: str | None,
+    host: str | None,
+    port: int | None,
+    prefill_replicas: int | None,
+    decode_replicas: int | None,
+    mode: str | None,
+    mixed_replicas: int | None,
+    block_size: int | None,
+    kv_cache_memory_bytes: int | None,
+    num_gpus: float | None,
+) -> dict[str, Any]:
+    """``serve``'s flags as dotted config overrides; a flag not given (None) keeps the file's value."""
+    overrides: dict[str, Any] = {
+        "model.model": model,
+        "http.host": host,
+        "http.port": port,
+        "prefill.num_replicas": prefill_replicas,
+        "decode.num_replicas": decode_replicas,
+        "mixed.num_replicas": mixed_replicas,
+        "mode": mode,
+        "engine.block_size": block_size,
+        "engine.kv_cache_memory_bytes": kv_cache_memory_bytes,
+    }
+    if num_gpus is not None:  # one flag for every pool: --num-gpus is per engine replica
+        overrides.update({"prefill.num_gpus": num_gpus, "decode.num_gpus": num_gpus, "mixed.num_gpus": num_gpus})
+    return overrides
+
+
+def _start_ray(cfg: ServeConfig, address: str | None, num_cpus: int | None) -> None:
+    """Join the Ray cluster at ``address``, or start a local one; then start Serve's HTTP proxy."""
+    import ray
+    from ray import serve as rserve
+
     with console.status("starting Ray…"):
         if address:
             ray.init(address=address, namespace="kvferry", log_to_driver=False)
@@ -132,6 +163,13 @@ def serve(
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                      namespace="kvferry", log_to_driver=False)
         rserve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+
+
+def _serve_until_stopped(cfg: ServeConfig, deploy_timeout_s: float, stop: threading.Event) -> int:
+    """Deploy, print the URL, wait for ``stop``; always shut Serve and Ray down. Returns the exit code."""
+    import ray
+    from ray import serve as rserve
+
     code = 0
     try:
         _deploy_with_progress(cfg, deploy_timeout_s, stop)
@@ -154,7 +192,7 @@ def serve(
             finally:
                 ray.shutdown()
         console.print("stopped")
-    raise typer.Exit(code)
+    return code
 
 
 @app.command()

@@ -10,7 +10,8 @@ Memory layout (1M resident blocks must stay well under 256 bytes each):
 * ``_table`` maps a block hash to one *packed int* per holder:
   ``expiry_ms << 18 | tier << 16 | replica_idx``; with several holders the value is a
   tuple of packed ints. No per-entry objects besides the (shared) hash key and one int.
-  The record helpers live in ``router.directory_records``.
+  The record helpers live in ``router.directory_records``; the prefix walk behind
+  ``lookup`` lives in ``router.directory_match``.
 * Expiry order lives in ``_buckets``: exact ``expiry_ms`` -> (list of hashes, array of
   replica indexes), plus a min-heap of bucket keys. Touches re-file an entry lazily: the
   old bucket slot becomes stale and is skipped when swept (a slot is live only if the
@@ -40,6 +41,7 @@ from engine.kv_events import (
     KVEventBatch,
     Tier,
 )
+from router.directory_match import prefix_counts
 from router.directory_records import (
     EXP_SHIFT,
     LOW_MASK,
@@ -170,47 +172,8 @@ class KVDirectory:
         if not block_hashes:
             return {}
         now_ms = min(to_ms(now), NEVER_MS - 1)  # pinned entries outlive any clock
-        get = self._table.get
-        prev = get(block_hashes[0])
-        if prev is None:
-            return {}
-        # replica idx -> [num_blocks, device, host, disk] for chains still unbroken.
-        alive: dict[int, list[int]] = {}
-        for p in (prev,) if type(prev) is int else prev:
-            if (p >> EXP_SHIFT) > now_ms:
-                alive[p & REP_MASK] = [0, 0, 0, 0]
-        done: dict[int, list[int]] = {}
-        # Blocks stored (or touched) together carry the very same record, so a prompt is
-        # a few runs of equal records: compare with the previous one and count the run;
-        # holders are only re-examined where the record changes (~one dict get per block).
-        run = 1
-        for h in block_hashes[1:]:
-            if not alive:
-                break
-            rec = get(h)
-            if rec == prev:
-                run += 1
-                continue
-            self._credit(alive, prev, run)
-            run = 0
-            if rec is None:
-                break
-            still: dict[int, list[int]] = {}
-            for p in (rec,) if type(rec) is int else rec:
-                counts = alive.pop(p & REP_MASK, None)
-                if counts is not None and (p >> EXP_SHIFT) > now_ms:
-                    still[p & REP_MASK] = counts
-                elif counts is not None:
-                    done[p & REP_MASK] = counts
-            done.update(alive)
-            alive = still
-            prev = rec
-            run = 1
-        if run:
-            self._credit(alive, prev, run)
-        done.update(alive)
         out: dict[str, PrefixMatch] = {}
-        for rep, (n, d, ho, dk) in done.items():
+        for rep, (n, d, ho, dk) in prefix_counts(self._table, block_hashes, now_ms).items():
             if n == 0:
                 continue
             tier = Tier.DISK if dk else Tier.HOST if ho else Tier.DEVICE
@@ -343,15 +306,6 @@ class KVDirectory:
         return loaded
 
     # ------------------------------------------------------------------ internals
-
-    @staticmethod
-    def _credit(alive: dict[int, list[int]], rec: int | tuple[int, ...], run: int) -> None:
-        """Add a run of ``run`` equal records to the counts of the replicas in ``alive``."""
-        for p in (rec,) if type(rec) is int else rec:
-            counts = alive.get(p & REP_MASK)
-            if counts is not None:
-                counts[0] += run
-                counts[1 + ((p >> TIER_SHIFT) & 3)] += run
 
     def _intern(self, replica_id: str) -> int:
         idx = self._rep_idx.get(replica_id)
