@@ -1,7 +1,8 @@
 """Trace-driven simulator of one prefill pool: routing policies compared on real traces.
 
-``python -m router.replay TRACE [--replicas N] [--cache-tokens C] [--policies ...]``
-(also ``kvferry replay``). Traces are JSONL in the Mooncake format: ``timestamp`` (ms),
+``kvferry replay TRACE [--replicas N] [--cache-tokens C] [--policies ...]`` runs it
+(the command lives in ``router.replay_cli``, which imports this module, never the
+reverse). Traces are JSONL in the Mooncake format: ``timestamp`` (ms),
 ``input_length``, ``output_length`` and ``hash_ids`` (chained ids of 512-token blocks).
 
 What is real: the :class:`~router.directory.KVDirectory` (fed with the events the
@@ -304,8 +305,3 @@ def ttl_sweep(trace: Sequence[TraceRequest], ttls_s: Sequence[float], config: Re
         out.append(res)
     return out
 
-
-if __name__ == "__main__":
-    from router.replay_cli import main
-
-    main()

@@ -1,7 +1,8 @@
 """``kvferry replay TRACE``: compare routing policies on a request trace (no GPU).
 
 :func:`replay_command` is a plain typer command function; ``cluster/cli.py`` registers it
-as ``kvferry replay`` and :func:`main` runs it standalone (``python -m router.replay``).
+as ``kvferry replay`` and :func:`main` runs it standalone (``python -m router.replay_cli``).
+The simulator itself is ``router.replay``; it does not know about this module.
 """
 
 from __future__ import annotations
