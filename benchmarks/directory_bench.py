@@ -1,6 +1,6 @@
 """Directory micro-benchmarks: ingest rate, lookup latency, bytes per resident entry.
 
-``python -m router.bench [--json] [--out FILE]``
+``.venv/bin/python benchmarks/directory_bench.py [--json] [--out FILE]``
 
 * ``ingest_events_per_s``: block events (one hash of a BlockStored / Touched / Removed)
   folded in per second through :meth:`KVDirectory.apply`, batches of 64-block stores
@@ -23,12 +23,17 @@ import gc
 import json
 import random
 import statistics
+import sys
 import time
 import tracemalloc
 from pathlib import Path
 
-from engine.kv_events import BlockRemoved, BlockStored, BlockTouched, KVEventBatch, Tier
-from router.directory import KVDirectory
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `engine`, `router` importable without an install
+    sys.path.insert(0, str(REPO))
+
+from engine.kv_events import BlockRemoved, BlockStored, BlockTouched, KVEventBatch, Tier  # noqa: E402
+from router.directory import KVDirectory  # noqa: E402
 
 NUM_REPLICAS = 64
 NUM_RESIDENT = 1_000_000

@@ -5,7 +5,10 @@ same port, offers the same multi-turn chat workload (``cluster.bench``), and wri
 summaries plus their ratios (disaggregated / colocated) to a JSON file. Both layouts get
 the same CPU budget: two engine replicas with the same ``torch_threads``.
 
-    python -m cluster.bench_compare --out bench_cluster.json
+    .venv/bin/python benchmarks/serving_layouts.py --out bench_cluster.json
+
+The load generator itself is ``cluster.bench`` (also behind ``kvferry bench``); this
+script only deploys the layouts and compares them.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from cluster.bench import BenchConfig, format_summary, run_bench, write_json
-from cluster.config import ServeConfig
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `cluster` importable without an install
+    sys.path.insert(0, str(REPO))
+
+from cluster.bench import BenchConfig, format_summary, run_bench, write_json  # noqa: E402
+from cluster.config import ServeConfig  # noqa: E402
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:
