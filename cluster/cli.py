@@ -222,7 +222,11 @@ def bench(
 
 
 def _register_replay() -> None:
-    """``kvferry replay`` comes from the router package; import it only when it runs."""
+    """``kvferry replay`` comes from the router package; import it only when it runs.
+
+    router ships in the same distribution, so the import cannot fail; it is deferred only
+    so the other commands start without loading the simulator.
+    """
 
     @app.command(
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -230,11 +234,8 @@ def _register_replay() -> None:
     )
     def replay(ctx: typer.Context) -> None:
         """Replay request traces through routing policies (no GPU; see router/replay_cli.py)."""
-        try:
-            from router.replay_cli import replay_command
-        except ImportError as e:
-            console.print(f"[red]kvferry replay is unavailable: {e}[/red]")
-            raise typer.Exit(2) from e
+        from router.replay_cli import replay_command
+
         sub = typer.Typer()
         sub.command()(replay_command)
         sub(args=list(ctx.args), prog_name="kvferry replay", standalone_mode=True)

@@ -3,7 +3,7 @@
 Serve adds the ``deployment``, ``replica`` and ``application`` labels itself, so a pool's
 panels filter on ``deployment="prefill"`` / ``"decode"`` / ``"mixed"``. Ray exports every
 name with a ``ray_`` prefix. ``CATALOG`` lists each metric once (name, type, description)
-so dashboards (``k8s/``) can be generated from code instead of copied by hand.
+so dashboards can be generated from it instead of copied by hand.
 
 Prefix-cache counters count *tokens*, like vLLM's ``prefix_cache_queries`` /
 ``prefix_cache_hits``, so hit rate = hits / queries.
