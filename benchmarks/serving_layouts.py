@@ -81,6 +81,7 @@ def main(
     max_tokens: int = typer.Option(16, help="Tokens per turn."),
     system_words: int = typer.Option(120, help="Words in the shared system prompt."),
     port: int = typer.Option(8011, help="HTTP port used by both layouts."),
+    request_router: str = typer.Option("kvferry", help="kvferry (cache-affinity, the default) or default (Serve's)."),
     out: Path = typer.Option(Path("bench_cluster.json"), help="JSON results file."),
 ) -> None:
     import ray
@@ -92,7 +93,7 @@ def main(
     url = f"http://127.0.0.1:{port}"
     bench = BenchConfig(url=url, num_conversations=conversations, turns=turns, concurrency=concurrency,
                         max_tokens=max_tokens, system_words=system_words)
-    base = {"model": {"model": model}, "http": {"port": port}}
+    base = {"model": {"model": model}, "http": {"port": port}, "routing": {"request_router": request_router}}
     layouts = {
         "disaggregated": ServeConfig.model_validate({**base, "mode": "disaggregated", "app_name": "disagg"}),
         "colocated": ServeConfig.model_validate({**base, "mode": "colocated", "app_name": "coloc",
