@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.cluster.conftest import deploy_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,44 +24,15 @@ LONG_SYSTEM = "You ferry KV blocks across the river, carefully and quickly. " * 
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.engine.tiny_models import make_tiny_model
-
-    return make_tiny_model("llama", tmp_path_factory.mktemp("serving-model"))
-
-
-@pytest.fixture(scope="module")
-def reference_engine(tiny_model: Path):
-    from engine import LLMEngine
-
-    return LLMEngine.from_pretrained(str(tiny_model), role="mixed", block_size=16, num_kv_blocks=256)
-
-
-@pytest.fixture(scope="module")
 def server(ray_cluster, tiny_model: Path):
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.config import ServeConfig
-
-    port = free_port()
-    cfg = ServeConfig.model_validate(
-        {
-            "app_name": APP,
-            "model": {"model": str(tiny_model)},
-            "engine": {"num_kv_blocks": 256, "block_size": 16, "local_prefill_threshold": 8},
-            "transport": {"transfer_timeout_s": 3.0, "connect_timeout_s": 10.0},
-            "http": {"port": port, "prefill_timeout_s": 30.0},
-        }
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    try:
+    settings = {
+        "model": {"model": str(tiny_model)},
+        "engine": {"num_kv_blocks": 256, "block_size": 16, "local_prefill_threshold": 8},
+        "transport": {"transfer_timeout_s": 3.0, "connect_timeout_s": 10.0},
+        "http": {"prefill_timeout_s": 30.0},
+    }
+    with deploy_app(APP, settings) as (url, cfg):
         yield {"url": url, "cfg": cfg}
-    finally:
-        serve.delete(APP)
-        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

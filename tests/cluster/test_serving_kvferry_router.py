@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import free_port
+from tests.cluster.conftest import deploy_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -18,32 +18,15 @@ APP = "kvferry-routed"
 
 
 @pytest.fixture(scope="module")
-def routed_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.config import ServeConfig
-    from tests.engine.tiny_models import make_tiny_model
-
-    model = make_tiny_model("llama", tmp_path_factory.mktemp("routed-model"))
-    port = free_port()
-    cfg = ServeConfig.model_validate(
-        {
-            "app_name": APP,
-            "routing": {"request_router": "kvferry"},
-            "model": {"model": str(model)},
-            "engine": {"num_kv_blocks": 256, "local_prefill_threshold": 8},
-            "decode": {"num_replicas": 2, "num_cpus": 0.5},
-            "http": {"port": port},
-        }
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=APP, route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.delete(APP)
-        serve.shutdown()
+def routed_server(ray_cluster, tiny_model):
+    settings = {
+        "routing": {"request_router": "kvferry"},
+        "model": {"model": str(tiny_model)},
+        "engine": {"num_kv_blocks": 256, "local_prefill_threshold": 8},
+        "decode": {"num_replicas": 2, "num_cpus": 0.5},
+    }
+    with deploy_app(APP, settings) as (url, _):
+        yield url
 
 
 def test_conversation_sticks_to_the_replica_holding_its_prefix(routed_server: str) -> None:

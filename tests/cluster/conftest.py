@@ -1,0 +1,49 @@
+"""Cluster-test fixtures: a tiny random Llama per module, its offline reference engine, and
+``deploy_app`` to run one kvferry application on the session's Ray cluster (always torn down)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (byte-level tokenizer, chat template), built once per module."""
+    from tests.engine.tiny_models import make_tiny_model
+
+    return make_tiny_model("llama", tmp_path_factory.mktemp("cluster-model"))
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_model: Path) -> Any:
+    """The same weights run offline in this process: the token-for-token reference."""
+    from engine import LLMEngine
+
+    return LLMEngine.from_pretrained(str(tiny_model), role="mixed", block_size=16, num_kv_blocks=256)
+
+
+@contextmanager
+def deploy_app(app_name: str, settings: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Run ``ServeConfig(app_name=..., **settings)`` on a free loopback port; yield (url, config)."""
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import ServeConfig
+
+    port = free_port()
+    http = {**settings.get("http", {}), "port": port}
+    cfg = ServeConfig.model_validate({**settings, "app_name": app_name, "http": http})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=app_name, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}", cfg
+    finally:
+        serve.delete(app_name)
+        serve.shutdown()
