@@ -68,9 +68,11 @@ def run_layout(cfg: ServeConfig, bench: BenchConfig) -> dict[str, Any]:
 
 
 def _ratio(a: dict[str, Any], b: dict[str, Any], key: str, sub: str | None = None) -> float | None:
-    x = a[key][sub] if sub else a[key]
-    y = b[key][sub] if sub else b[key]
-    return (x / y) if y else None
+    """a/b for one figure; None when either side has none (e.g. no inter-token latencies:
+    every request produced a single chunk)."""
+    x = a[key].get(sub) if sub else a[key]
+    y = b[key].get(sub) if sub else b[key]
+    return (x / y) if x is not None and y else None
 
 
 def main(
