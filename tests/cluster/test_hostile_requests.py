@@ -262,11 +262,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, model_nam
 # --------------------------------------------------------------------------- stall: prefill outage (last)
 
 
-def _kill_prefill_replica() -> None:
+def _kill_replica(pool: str) -> None:
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#prefill#")]
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{pool}#")]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
@@ -284,7 +284,7 @@ def test_a_dead_prefill_pool_costs_a_request_no_more_than_a_local_prefill(server
 
     r, healthy_took, ref = long_chat(0)
     assert r.headers["x-kvferry-prefill-replica"] != "local"  # the pool serves long prompts
-    _kill_prefill_replica()
+    _kill_replica("prefill")
     killed_at, local_took = time.monotonic(), []
     served_locally = 0
     deadline = time.monotonic() + 90
@@ -307,3 +307,34 @@ def test_a_dead_prefill_pool_costs_a_request_no_more_than_a_local_prefill(server
           f"{max(local_took, default=0):.2f}s (healthy remote: {healthy_took:.2f}s); remote prefill "
           f"resumed {time.monotonic() - killed_at:.1f}s after the kill")
     assert served_locally >= 1
+
+
+def test_a_killed_decode_replica_ends_its_streams_cleanly_and_is_replaced(server, model_name) -> None:
+    """Its client gets an in-band SSE error within seconds, never a hang; Serve replaces it."""
+    body = {"model": model_name, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "a long story about the river, please"}]}
+    events: list[str] = []
+    with httpx.Client(base_url=server, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            events = [next(lines) for _ in range(4)]  # streaming has begun
+            _kill_replica("decode")
+            t0 = time.monotonic()
+            events += [line for line in lines if line.startswith("data: ")]
+            ended_s = time.monotonic() - t0
+    errors = [json.loads(e[6:]) for e in events if e.startswith("data: {") and '"error"' in e]
+    assert len(errors) == 1 and set(errors[0]["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in errors[0]["error"]["message"]
+    assert ended_s < 10
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < 120:
+        r = _chat(server, model_name, "are you back?", timeout=30, max_tokens=2)
+        if r.status_code == 200:
+            break
+        _assert_openai_error(r, 503)  # refused cleanly while no decode replica runs
+        time.sleep(1)
+    else:
+        pytest.fail("the decode replica was not replaced within 120 s")
+    print(f"[measured] decode replica killed mid-stream: its client's stream ended with an error event in "
+          f"{ended_s:.2f}s; the service answered again {time.monotonic() - t1:.1f}s later")
