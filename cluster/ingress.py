@@ -52,6 +52,8 @@ from cluster.wire import (
     StreamChunk,
 )
 from engine import ContextLengthExceeded, SamplingParams
+from engine.errors import InvalidTokenIds
+from engine.intake import check_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +146,11 @@ class Ingress:
                            code=MODEL_NOT_FOUND, param="model")
         info = await self._model_info()
         param = "messages" if chat else "prompt"
-        ids = await self._encode(prompt, info, param, body.requested_max_tokens())
-        if body.logit_bias and max(map(int, body.logit_bias)) >= info.vocab_size:
-            raise ApiError(400, f"logit_bias token ids must be below the vocabulary size {info.vocab_size}",
-                           param="logit_bias")
+        ids = await self._encode(prompt, info, param)
         kw = sampling_kwargs(body, default_max_tokens=0)
-        # Defaults the client left to us: as many tokens as fit, up to the configured default.
-        kw["max_tokens"] = kw["max_tokens"] or min(self.cfg.model.default_max_tokens, info.max_model_len - len(ids))
+        # Defaults the client left to us: as many tokens as fit, up to the configured default
+        # (at least one: a prompt that leaves no room is refused by the check below).
+        kw["max_tokens"] = kw["max_tokens"] or max(1, min(self.cfg.model.default_max_tokens, info.max_model_len - len(ids)))
         if kw["cache_ttl_s"] is not None:
             # Providers clamp long retention requests ("24h") to what they offer.
             kw["cache_ttl_s"] = min(kw["cache_ttl_s"], self.front_engine.max_ttl_s)
@@ -158,6 +158,12 @@ class Ingress:
         kw["cache_salt"] = cache_salt(key, self.cfg.cache.tenant_isolation)
         try:
             params = SamplingParams(**kw)
+            # The engine's own checks, here so that no replica sees a request it must refuse.
+            check_tokens(ids, params, info.vocab_size, info.max_model_len)
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=param) from e
+        except InvalidTokenIds as e:
+            raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field) from e
         except ValueError as e:
             raise ApiError(400, str(e)) from e
         gen_request = GenerateRequest(request.state.request_id, tuple(ids), params, param)
@@ -166,28 +172,21 @@ class Ingress:
             hints = routing_hints(ids, info.block_size, info.model_id, params.cache_salt)
         return gen_request, hints
 
-    async def _encode(self, prompt: dict[str, Any], info: ModelInfo, param: str, max_tokens: int | None) -> list[int]:
-        """The prompt's token ids, tokenized in a worker thread; 400 when it cannot fit."""
+    async def _encode(self, prompt: dict[str, Any], info: ModelInfo, param: str) -> list[int]:
+        """The prompt's token ids, tokenized in a worker thread (a text that cannot fit is
+        refused from its length first)."""
         from engine.tokenizer import PromptTokenizer
 
         if self._prompt_tokenizer is None:
             self._prompt_tokenizer = PromptTokenizer(self._hf_tokenizer, info.max_model_len)
         try:
-            ids = await asyncio.to_thread(self._prompt_tokenizer.encode_prompt, prompt.get("prompt"), prompt.get("messages"))
+            return await asyncio.to_thread(
+                self._prompt_tokenizer.encode_prompt, prompt.get("prompt"), prompt.get("messages")
+            )
         except ContextLengthExceeded as e:
             raise ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=param) from e
         except ValueError as e:
             raise ApiError(400, str(e), param=param) from e
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param=param)
-        if max(ids) >= info.vocab_size:
-            raise ApiError(400, f"prompt token ids must be below the vocabulary size {info.vocab_size}", param=param)
-        need = len(ids) + (max_tokens or 1)
-        if need > info.max_model_len:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens or 1}: {need} "
-                           f"exceeds this model's context of {info.max_model_len} tokens",
-                           code=CONTEXT_LENGTH_EXCEEDED, param=param)
-        return ids
 
     # ------------------------------------------------------------------ typed stream -> HTTP
 

@@ -43,7 +43,7 @@ from cluster.wire import (
     StreamChunk,
     StreamItem,
 )
-from engine.errors import ContextLengthExceeded
+from engine.errors import ContextLengthExceeded, InvalidTokenIds
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,9 @@ class ReplicaCore:
                 )
             except ContextLengthExceeded as e:
                 yield ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=request.prompt_param)
+                return
+            except InvalidTokenIds as e:
+                yield ApiError(400, str(e), param=request.prompt_param if e.field == "prompt" else e.field)
                 return
             except ValueError as e:
                 yield ApiError(400, str(e), param=request.prompt_param)

@@ -42,10 +42,6 @@ _TYPE_BY_STATUS = {
     504: "timeout_error",
 }
 
-# Which request field a prompt error names: "messages" (chat) or "prompt" (completions).
-PromptParam = str
-
-
 class ApiError(Exception):
     """An error meant for the client: HTTP status, message, OpenAI ``type``, ``param``, ``code``."""
 
@@ -104,8 +100,8 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     # max_tokens is final (the ingress fills the default); cache_ttl_s is clamped.
     params: SamplingParams
-    # The request field prompt errors name.
-    prompt_param: PromptParam = "prompt"
+    # The request field prompt errors name: "messages" (chat) or "prompt" (completions).
+    prompt_param: str = "prompt"
 
 
 @dataclass(frozen=True)

@@ -13,3 +13,12 @@ class ContextLengthExceeded(ValueError):
     def __init__(self, message: str, *, max_model_len: int) -> None:
         super().__init__(message)
         self.max_model_len = max_model_len
+
+
+class InvalidTokenIds(ValueError):
+    """Token ids outside the vocabulary (or an empty prompt); ``field`` names which input:
+    "prompt" or "logit_bias"."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field

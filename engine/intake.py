@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.detokenizer import StopChecker
-from engine.errors import ContextLengthExceeded
+from engine.errors import ContextLengthExceeded, InvalidTokenIds
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -29,7 +29,7 @@ def make_request(
     export_from_block: int | None = None,
 ) -> Request:
     """Check the request against the model and the engine's role; build its state."""
-    _check_tokens(prompt_token_ids, params, vocab_size, max_model_len)
+    check_tokens(prompt_token_ids, params, vocab_size, max_model_len)
     ttl = params.cache_ttl_s if params.cache_ttl_s is not None else config.default_ttl_s
     if ttl > config.max_ttl_s:
         raise ValueError(f"cache TTL {ttl:g}s exceeds the maximum of {config.max_ttl_s:g}s")
@@ -50,13 +50,17 @@ def make_request(
     )
 
 
-def _check_tokens(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+def check_tokens(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Refuse a prompt and params the model cannot serve (also called by the serving ingress,
+    which refuses them before a replica sees them)."""
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise InvalidTokenIds("the prompt is empty", field="prompt")
     if min(ids) < 0 or max(ids) >= vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {min(ids)}..{max(ids)}")
+        raise InvalidTokenIds(f"prompt token ids must be in [0, {vocab_size}); got {min(ids)}..{max(ids)}",
+                              field="prompt")
     if params.logit_bias and max(params.logit_bias) >= vocab_size:
-        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}); got {max(params.logit_bias)}")
+        raise InvalidTokenIds(f"logit_bias token ids must be in [0, {vocab_size}); got {max(params.logit_bias)}",
+                              field="logit_bias")
     if len(ids) + params.max_tokens > max_model_len:
         raise ContextLengthExceeded(
             f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "

@@ -141,22 +141,6 @@ def test_text_that_cannot_fit_the_context_is_refused_without_tokenizing(server, 
     _assert_openai_error(r, 400, code="context_length_exceeded", param="prompt")
 
 
-def test_a_long_tokenization_does_not_hold_up_other_requests(server, model_name) -> None:
-    """Tokenizing runs on the ingress in worker threads, never on the decode engine loop."""
-
-    async def run() -> tuple[list[int], int]:
-        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
-            # Fits the character bound (so it is tokenized), then refused for its token count.
-            heavy = client.post("/v1/completions", json={"model": model_name, "prompt": "ab " * 600})
-            normal = [client.post("/v1/completions", json={"model": model_name, "prompt": f"n{i}", "max_tokens": 3})
-                      for i in range(4)]
-            rs = await asyncio.gather(heavy, *normal)
-            return [r.status_code for r in rs[1:]], rs[0].status_code
-
-    normal, heavy = asyncio.run(run())
-    assert normal == [200] * 4 and heavy == 400
-
-
 # --------------------------------------------------------------------------- the smaller ones
 
 
