@@ -54,7 +54,8 @@ class Sampler:
         if logits.shape[0] != len(params):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(params)} requests")
         plain = [p.greedy and not p.logit_bias for p in params]
-        greedy_ids = logits.argmax(dim=-1).tolist()
+        # One batched argmax serves every plain-greedy row; skipped when no row is one.
+        greedy_ids = logits.argmax(dim=-1).tolist() if any(plain) else []
         if all(plain):
             return greedy_ids
         out: list[int | SamplingFailure] = []
