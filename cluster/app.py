@@ -23,6 +23,8 @@ def _actor_options(pool: PoolConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
     if pool.resources:
         opts["resources"] = dict(pool.resources)
+    if pool.node_labels:
+        opts["label_selector"] = dict(pool.node_labels)
     return opts
 
 
@@ -34,17 +36,40 @@ def _router_options(cfg: ServeConfig, pool_name: str) -> dict[str, Any]:
     return {"request_router_config": request_router_config(pool_name, knobs, cfg.routing.stats_period_s)}
 
 
-def _pool_options(cfg: ServeConfig, name: str, pool: PoolConfig) -> dict[str, Any]:
+def _replica_options(pool: PoolConfig) -> dict[str, Any]:
+    """A fixed ``num_replicas``, or Serve's ``autoscaling_config`` for an ``auto`` pool."""
+    if pool.autoscaled:
+        return {"autoscaling_config": pool.autoscaling.serve_options()}
+    return {"num_replicas": pool.num_replicas}
+
+
+def deployment_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
+    """Serve deployment options of one deployment ("prefill", "decode", "mixed" or "ingress").
+
+    Plain data only (no router objects), so ``kvferry k8s render`` writes the same numbers
+    into a RayService that ``build_app`` gives Serve here.
+    """
+    if name == "ingress":
+        return {
+            "name": "ingress",
+            **_replica_options(cfg.ingress),
+            "ray_actor_options": {"num_cpus": cfg.ingress.num_cpus},
+            "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
+        }
+    pool = cfg.pool(name)
     return {
         "name": name,
-        "num_replicas": pool.num_replicas,
+        **_replica_options(pool),
         "ray_actor_options": _actor_options(pool),
         "max_ongoing_requests": pool.max_ongoing_requests,
         # Models take a while to load on a small box; don't let Serve give up on them.
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 5.0,
-        **_router_options(cfg, name),
     }
+
+
+def _pool_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
+    return {**deployment_options(cfg, name), **_router_options(cfg, name)}
 
 
 def build_app(config: ServeConfig | dict[str, Any] | None = None) -> Application:
@@ -57,18 +82,12 @@ def build_app(config: ServeConfig | dict[str, Any] | None = None) -> Application
         cfg = ServeConfig.model_validate(config)
     data = cfg.model_dump(mode="json")
     if cfg.mode == "disaggregated":
-        if cfg.prefill.num_replicas < 1 or cfg.decode.num_replicas < 1:
+        if cfg.prefill.min_replicas < 1 or cfg.decode.min_replicas < 1:
             raise ValueError("disaggregated mode needs at least one prefill and one decode replica")
-        prefill = PrefillServer.options(**_pool_options(cfg, "prefill", cfg.prefill)).bind(data)
-        decode = DecodeServer.options(**_pool_options(cfg, "decode", cfg.decode)).bind(data, prefill)
+        prefill = PrefillServer.options(**_pool_options(cfg, "prefill")).bind(data)
+        decode = DecodeServer.options(**_pool_options(cfg, "decode")).bind(data, prefill)
     else:
-        if cfg.mixed.num_replicas < 1:
+        if cfg.mixed.min_replicas < 1:
             raise ValueError("colocated mode needs at least one mixed replica")
-        decode = DecodeServer.options(**_pool_options(cfg, "mixed", cfg.mixed)).bind(data, None)
-    ingress_opts = {
-        "name": "ingress",
-        "num_replicas": cfg.ingress.num_replicas,
-        "ray_actor_options": {"num_cpus": cfg.ingress.num_cpus},
-        "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
-    }
-    return Ingress.options(**ingress_opts).bind(data, decode)
+        decode = DecodeServer.options(**_pool_options(cfg, "mixed")).bind(data, None)
+    return Ingress.options(**deployment_options(cfg, "ingress")).bind(data, decode)

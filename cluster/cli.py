@@ -92,6 +92,7 @@ def serve(
     block_size: int | None = typer.Option(None, help="Tokens per KV block."),
     kv_cache_memory_bytes: int | None = typer.Option(None, help="KV cache bytes per replica."),
     num_gpus: float | None = typer.Option(None, help="GPUs per engine replica (0 = CPU)."),
+    metrics_port: int | None = typer.Option(None, help="Ray's Prometheus metrics port (default 8080; 0 = any)."),
     address: str | None = typer.Option(None, help="Join an existing Ray cluster instead of starting one."),
     num_cpus: int | None = typer.Option(None, help="Logical CPUs of the local Ray cluster (default: 4)."),
     deploy_timeout_s: float = typer.Option(900.0, help="Give up if models are not loaded by then."),
@@ -102,7 +103,7 @@ def serve(
     overrides = _serve_overrides(
         model=model, host=host, port=port, prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,
         mode=mode, mixed_replicas=mixed_replicas, block_size=block_size,
-        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpus=num_gpus,
+        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpus=num_gpus, metrics_port=metrics_port,
     )
     try:
         cfg = load_config(config, overrides)
@@ -131,6 +132,7 @@ def _serve_overrides(
     block_size: int | None,
     kv_cache_memory_bytes: int | None,
     num_gpus: float | None,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """``serve``'s flags as dotted config overrides; a flag not given (None) keeps the file's value."""
     overrides: dict[str, Any] = {
@@ -143,6 +145,7 @@ def _serve_overrides(
         "mode": mode,
         "engine.block_size": block_size,
         "engine.kv_cache_memory_bytes": kv_cache_memory_bytes,
+        "metrics.export_port": metrics_port,
     }
     if num_gpus is not None:  # one flag for every pool: --num-gpus is per engine replica
         overrides.update({"prefill.num_gpus": num_gpus, "decode.num_gpus": num_gpus, "mixed.num_gpus": num_gpus})
@@ -160,8 +163,9 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_cpus: int | None) -> N
         else:
             # Fractional pools: a couple of logical CPUs more than cores lets ingress and both
             # pools fit on a 2-core laptop; the replicas limit their own torch threads.
+            # Ray serves every process's metrics on this port for Prometheus (see docs/deploy.md).
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                     namespace="kvferry", log_to_driver=False)
+                     namespace="kvferry", log_to_driver=False, _metrics_export_port=cfg.metrics.export_port or None)
         rserve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
 
 

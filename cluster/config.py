@@ -34,10 +34,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AutoscalingConfig(_Strict):
+    """Serve autoscaling of one pool (used when the pool's ``num_replicas`` is ``"auto"``).
+
+    Serve adds a replica when the pool's ongoing requests per replica stay above
+    ``target_ongoing_requests`` for ``upscale_delay_s`` and removes one when they stay below
+    for ``downscale_delay_s``. The defaults react faster than Serve's (30 s / 600 s): an LLM
+    pool's load swings with traffic, and a replica's cost is the accelerator it holds.
+    """
+
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas (the pool never scales to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=1, description="Replicas at deploy time (default: min_replicas).")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per replica the pool aims for (decode: running streams)."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay above target this long to add a replica.")
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="Load must stay below target this long to remove a replica."
+    )
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load to Serve.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the reported load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Serve's ``autoscaling_config`` for this pool."""
+        return self.model_dump(exclude_none=True)
+
+
 class PoolConfig(_Strict):
     """One pool of identical replicas (the prefill pool, the decode pool or a mixed pool)."""
 
-    num_replicas: int = Field(1, ge=0, description="Number of replicas in this pool (0 disables it).")
+    num_replicas: int | Literal["auto"] = Field(
+        1,
+        description='Fixed number of replicas (0 disables the pool), or "auto": Serve scales it per `autoscaling`.',
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description='Autoscaling bounds and targets (only when num_replicas is "auto").'
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels a replica must run on (label_selector); pins a pool to its KubeRay worker group.",
+    )
     num_cpus: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per replica (fractional is fine on CPU).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; > 0 runs the engine on CUDA.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads in each replica (the engine's num_threads).")
@@ -50,6 +95,27 @@ class PoolConfig(_Strict):
         default_factory=dict,
         description="Overrides of the top-level `engine` settings for this pool only (same keys).",
     )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> PoolConfig:
+        if isinstance(self.num_replicas, int) and self.num_replicas < 0:
+            raise ValueError("num_replicas must be >= 0 or \"auto\"")
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether Serve sizes this pool (``num_replicas: auto``)."""
+        return self.num_replicas == "auto"
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas the pool has at least: its fixed size, or its autoscaling floor."""
+        return self.autoscaling.min_replicas if self.num_replicas == "auto" else int(self.num_replicas)
+
+    @property
+    def max_replicas(self) -> int:
+        """Replicas the pool has at most: its fixed size, or its autoscaling ceiling."""
+        return self.autoscaling.max_replicas if self.num_replicas == "auto" else int(self.num_replicas)
 
 
 class ServedModelConfig(_Strict):
@@ -123,6 +189,15 @@ class FailoverConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    """Where Prometheus scrapes kvferry (Ray exports every replica's metrics on each node)."""
+
+    export_port: int = Field(
+        8080, ge=0, le=65535,
+        description="Ray's metrics export port for `kvferry serve` (0: Ray picks one). On KubeRay the pods set it.",
+    )
+
+
 class RoutingConfig(_Strict):
     """kvferry's cache-affinity RequestRouters (``router.policy``'s knobs)."""
 
@@ -180,6 +255,7 @@ class ServeConfig(_Strict):
         default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing between replicas.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics export.")
     app_name: str = Field("kvferry", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
 

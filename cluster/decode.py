@@ -41,7 +41,7 @@ class DecodeServer:
         rid = replica_id(f"{role}-local")
         engine_cfg = cfg.engine_config(role, rid)
         routed = cfg.routing.request_router == "kvferry"
-        self.metrics = ReplicaMetrics()
+        self.metrics = ReplicaMetrics(cfg.transport.backend)
         self.core = ReplicaCore(
             role, rid, lambda: LLMEngine.from_pretrained(cfg.model.model, config=engine_cfg, clock=SERVING_CLOCK),
             self.metrics,

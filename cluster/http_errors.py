@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.http_metrics import set_error_code
 from cluster.wire import INTERNAL_ERROR, REQUEST_TOO_LARGE, ApiError
 
 logger = logging.getLogger(__name__)
@@ -100,17 +101,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        set_error_code(request.state, exc.code or exc.type)
         return error_response(exc, getattr(request.state, "request_id", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        set_error_code(request.state, "invalid_request_error")
         return error_response(ApiError(400, message, param=param), getattr(request.state, "request_id", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = REQUEST_TOO_LARGE if exc.status_code == 413 else None
+        set_error_code(request.state, code or f"http_{exc.status_code}")
         # exc.headers carries e.g. the Allow header of a 405.
         return error_response(ApiError(exc.status_code, detail, code=code), headers=exc.headers)
 
@@ -118,6 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = getattr(request.state, "request_id", None)
         logger.exception("unhandled error in request %s", rid)
+        set_error_code(request.state, INTERNAL_ERROR)
         return error_response(
             ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid
         )

@@ -39,6 +39,7 @@ class BodySizeLimit:
         limit = self._max_bytes()
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            scope.setdefault("state", {})["error_code"] = REQUEST_TOO_LARGE
             await _send_413(send, limit)
             return
         seen = 0

@@ -25,6 +25,8 @@ from ray import serve
 from cluster.config import ServeConfig
 from cluster.http_errors import ERROR_RESPONSES, document_openai_errors, install_error_handlers
 from cluster.http_limits import BodySizeLimit
+from cluster.http_metrics import ApiMetrics, set_error_code
+from cluster.metrics import ingress_answer_recorder
 from cluster.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -63,6 +65,9 @@ document_openai_errors(api)
 # The limit is the replica's config (set in Ingress.__init__, before any request arrives).
 api.state.max_request_bytes = 4 << 20
 api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
+# Outermost (added last): counts every answer, the body-size limit's 413s included.
+api.state.record_answer = None
+api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
 _SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "JSON, or server-sent events when `stream` is true."}}
 _INTERRUPTED = f"data: {json.dumps(ApiError(500, 'stream interrupted').body())}\n\n"
@@ -99,6 +104,7 @@ class Ingress:
         # The pool the ingress talks to: its engine settings bound what requests may ask.
         self.front_engine = self.cfg.engine_config(self.cfg.front_role, "ingress")
         api.state.max_request_bytes = self.cfg.http.max_request_bytes
+        api.state.record_answer = ingress_answer_recorder()
         self.decode = decode
         self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         self._info: ModelInfo | None = None
@@ -200,7 +206,7 @@ class Ingress:
         rid = ("chatcmpl-" if chat else "cmpl-") + gen_request.request_id
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sse = self._sse(first, gen, rid, chat, include_usage)
+            sse = self._sse(first, gen, rid, chat, include_usage, request.state)
             return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
         text, last = await self._collect(first, gen)
         resp = full_response(chat, rid, self.model_name, text, last.finish_reason, _usage(last))
@@ -234,7 +240,9 @@ class Ingress:
             raise
         return text, last
 
-    async def _sse(self, first: StreamChunk, gen: Any, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, first: StreamChunk, gen: Any, rid: str, chat: bool, include_usage: bool, state: Any
+    ) -> AsyncIterator[str]:
         """OpenAI SSE: one event per chunk, an optional usage event, then [DONE].
 
         Headers are gone by now, so a failure is reported in-band, never as a trace.
@@ -243,6 +251,7 @@ class Ingress:
         try:
             while True:
                 if isinstance(item, ApiError):  # the replica failed mid-stream: say so, then stop
+                    set_error_code(state, item.code or item.type)
                     yield f"data: {json.dumps(item.body())}\n\n"
                     break
                 finish = item.finish_reason if item.finished else None
@@ -255,6 +264,7 @@ class Ingress:
             yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
             logger.warning("stream %s broke: %r", rid, e)
+            set_error_code(state, "stream_interrupted")
             yield _INTERRUPTED
         finally:
             gen.cancel()

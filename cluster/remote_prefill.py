@@ -157,9 +157,8 @@ class RemotePrefill:
             )
             if landed:
                 self.num_remote_prefills += 1
-                self.metrics.inc("kvferry_remote_prefills_total")
-                self.metrics.inc("kvferry_kv_transfer_bytes_total", buf.numel() * buf.element_size())
-                self.metrics.transfer_s.observe(time.monotonic() - t0)
+                self.metrics.transfer_done(buf.numel() * buf.element_size(), time.monotonic() - t0,
+                                           resp.backend or getattr(self.transport, "backend", "unknown"))
         except Exception as e:  # noqa: BLE001 - pool down, timeout, transfer error: recompute
             await self._recompute(rid, repr(e), count_failure=True)
 
@@ -190,8 +189,8 @@ class RemotePrefill:
     async def _recompute(self, rid: str, reason: str, *, count_failure: bool) -> None:
         if count_failure:
             self.num_transfer_failures += 1
-            self.metrics.inc("kvferry_kv_transfer_failures_total")
             logger.warning("remote prefill of %s failed (%s); recomputing locally", rid, reason)
+        self.metrics.local_recompute("transfer_failed" if count_failure else "pool_unavailable")
         if rid in self._origin:
             self._origin[rid] = LOCAL
         try:

@@ -58,6 +58,7 @@ class MetricsSink(Protocol):
     ttft: Histogram
     itl: Histogram
     e2e: Histogram
+    tpot: Histogram
 
     def finished(self, finish_reason: str | None, prompt_tokens: int, generated_tokens: int) -> None: ...
 
@@ -193,14 +194,19 @@ class ReplicaCore:
         """The engine's outputs as wire chunks, recording latency metrics on the way."""
         t0 = time.monotonic()
         last_t: float | None = None
+        first_t = t0
         try:
             async for out in stream:
                 now = time.monotonic()
                 if out.new_token_ids:
                     (self.metrics.itl if last_t is not None else self.metrics.ttft).observe(now - (last_t or t0))
+                    if last_t is None:
+                        first_t = now
                     last_t = now
                 if out.finished:
                     self.metrics.e2e.observe(now - t0)
+                    if len(out.token_ids) > 1:
+                        self.metrics.tpot.observe((now - first_t) / (len(out.token_ids) - 1))
                     self.metrics.finished(out.finish_reason, out.num_prompt_tokens, len(out.token_ids))
                 if out.error is not None:  # this request alone failed; the engine serves on
                     yield ApiError(500, f"generation failed: {out.error}", code=INTERNAL_ERROR)

@@ -73,6 +73,9 @@ class BlockPool:
         # (expires_at, block_id, hash) of cached blocks; stale entries are skipped lazily.
         self._expiry_heap: list[tuple[float, int, BlockHash]] = []
         self._events: list[KVEvent] = []
+        # Cumulative counts of cached blocks dropped at their TTL and evicted for room (metrics).
+        self.num_expired = 0
+        self.num_evicted = 0
 
     # ----------------------------------------------------------------- queries
     @property
@@ -82,6 +85,11 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)
+
+    @property
+    def num_free_cached_blocks(self) -> int:
+        """Free blocks that still hold a reusable prefix (evicted last, LRU first)."""
+        return len(self._free_cached)
 
     def usage(self) -> float:
         """Fraction of blocks held by requests."""
@@ -113,6 +121,7 @@ class BlockPool:
             block.ref_cnt = 1
             out.append(block)
         if evicted:
+            self.num_evicted += len(evicted)
             self._events.append(BlockRemoved(tuple(evicted)))
         return out
 
@@ -150,6 +159,7 @@ class BlockPool:
             else:
                 self._free_cached[block.block_id] = block  # most recently used end
         if expired:
+            self.num_expired += len(expired)
             self._events.append(BlockRemoved(tuple(expired)))
 
     # ------------------------------------------------------------------ caching
@@ -201,6 +211,7 @@ class BlockPool:
             removed.append(self._uncache(block))
             self._free_uncached[block_id] = block
         if removed:
+            self.num_expired += len(removed)
             self._events.append(BlockRemoved(tuple(removed)))
         if len(heap) > 4 * self.num_blocks + 64:
             self._compact_heap()

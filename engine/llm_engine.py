@@ -323,11 +323,15 @@ class LLMEngine:
             num_waiting_for_remote_kv=len(s.remote_waiting),
             num_free_blocks=self.pool.num_free_blocks,
             num_total_blocks=self.pool.num_blocks,
+            num_cached_blocks=self.pool.num_free_cached_blocks,
+            max_num_seqs=self.config.max_num_seqs,
             kv_usage=self.pool.usage(),
             num_queued_prefill_tokens=s.num_queued_prefill_tokens(),
             prefix_cache_queries=self.kv.num_query_tokens,
             prefix_cache_hits=self.kv.num_hit_tokens,
             num_preemptions=s.num_preemptions,
+            num_expired_blocks=self.pool.num_expired,
+            num_evicted_blocks=self.pool.num_evicted,
         )
 
 

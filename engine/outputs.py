@@ -69,6 +69,10 @@ class EngineStats:
     num_waiting_for_remote_kv: int = 0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    # Free blocks still holding a reusable cached prefix (a subset of num_free_blocks).
+    num_cached_blocks: int = 0
+    # The scheduler's cap on running sequences (utilisation = num_running / max_num_seqs).
+    max_num_seqs: int = 0
     # Fraction of blocks held by requests (cached-but-free blocks count as free).
     kv_usage: float = 0.0
     # Prompt tokens admitted or waiting but not yet computed.
@@ -78,3 +82,6 @@ class EngineStats:
     prefix_cache_hits: int = 0
     # Cumulative preemptions (recompute) since start.
     num_preemptions: int = 0
+    # Cumulative cached blocks dropped at their TTL / evicted for room before it.
+    num_expired_blocks: int = 0
+    num_evicted_blocks: int = 0

@@ -22,6 +22,7 @@ import ray
 from engine.block_hash import BlockHash
 from engine.kv_events import CacheSnapshot, KVEventBatch
 from router.directory import KVDirectory
+from router.metrics import DirectoryMetrics
 
 DIRECTORY_NAME_PREFIX = "kvferry-kv-directory"
 # Routers (in proxies, ingress replicas, drivers) and pool replicas live in different Ray
@@ -38,8 +39,9 @@ def directory_name(pool: str) -> str:
 class KVDirectoryActor:
     """Async actor: every method runs on one event loop, so the plain class needs no lock."""
 
-    def __init__(self, sweep_interval_s: float = 1.0, sweep_limit: int = 50_000) -> None:
+    def __init__(self, sweep_interval_s: float = 1.0, sweep_limit: int = 50_000, pool: str = "unknown") -> None:
         self._dir = KVDirectory()
+        self._metrics = DirectoryMetrics(pool)
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
         self._sweeper: asyncio.Task | None = None
@@ -55,6 +57,8 @@ class KVDirectoryActor:
             # Sliced so lookups interleave with a big expiry wave.
             while self._dir.sweep(time.time(), limit=self._sweep_limit) == self._sweep_limit:
                 await asyncio.sleep(0)
+            s = self._dir.stats()
+            self._metrics.publish(s.num_entries, s.num_expired)
 
     async def apply_batches(self, batches: list[KVEventBatch]) -> list[str]:
         """Fold event batches in; return the replica ids whose snapshot is wanted."""
@@ -98,4 +102,4 @@ def get_or_create_directory(pool: str, namespace: str | None = None, **kwargs: A
     """The pool's directory actor, created (detached) if it does not exist. Non-blocking."""
     opts: dict[str, Any] = {"name": directory_name(pool), "get_if_exists": True, "lifetime": "detached",
                             "namespace": namespace or DIRECTORY_NAMESPACE}
-    return KVDirectoryActor.options(**opts).remote(**kwargs)
+    return KVDirectoryActor.options(**opts).remote(pool=pool, **kwargs)

@@ -49,6 +49,7 @@ from ray.serve.request_router import (
 from router.directory import PrefixMatch
 from router.directory_actor import get_or_create_directory
 from router.hints import RoutingHints, find_hints
+from router.metrics import RoutingMetrics
 from router.policy import (
     DEFAULT_TIER_CREDITS,
     DecodePolicyConfig,
@@ -91,6 +92,7 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._inflight_tokens: dict[str, int] = {}
         self.num_directory_failures = 0
         self.num_policy_routes = 0
+        self._metrics = RoutingMetrics(pool)
 
     # -- snapshots --------------------------------------------------------------------
 
@@ -156,12 +158,16 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         """Record a speculative entry and the in-flight tokens for the chosen replica."""
         hints = find_hints(pending_request.args, pending_request.kwargs)
         if hints is None:
+            self._metrics.decision("no_hints")
             return
         rid = replica_id.to_full_id_str()
         self._spec.record(hints.block_hashes, rid, time.time())
         req_id = pending_request.metadata.internal_request_id
-        est = self._estimates.pop(req_id, {})
-        tokens = est.get(rid, hints.num_tokens)
+        est = self._estimates.pop(req_id, None)
+        # No estimate: the directory did not answer and Serve's power of two chose.
+        tokens = hints.num_tokens if est is None else est.get(rid, hints.num_tokens)
+        self._metrics.decision("directory_unavailable" if est is None
+                               else "prefix_hit" if tokens < hints.num_tokens else "least_loaded")
         self._inflight[req_id] = (rid, tokens)
         self._inflight_tokens[rid] = self._inflight_tokens.get(rid, 0) + tokens
 

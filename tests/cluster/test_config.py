@@ -133,3 +133,32 @@ def test_routing_knobs_reach_the_request_routers() -> None:
     assert prefill.request_router_kwargs["imbalance_ratio"] == 3.0 and "affinity_weight" not in prefill.request_router_kwargs
     assert decode.request_routing_stats_period_s == 0.5
     assert _router_options(ServeConfig.model_validate({"routing": {"request_router": "default"}}), "decode") == {}
+
+
+def test_auto_pool_gets_serve_autoscaling_and_fixed_pool_keeps_num_replicas() -> None:
+    from cluster.app import deployment_options
+
+    cfg = ServeConfig.model_validate({
+        "decode": {"num_replicas": "auto", "autoscaling": {"min_replicas": 1, "max_replicas": 3,
+                                                          "target_ongoing_requests": 2}},
+        "prefill": {"num_replicas": 2, "node_labels": {"ray.io/node-group": "prefill"}},
+    })
+    decode = deployment_options(cfg, "decode")
+    assert "num_replicas" not in decode
+    assert decode["autoscaling_config"]["max_replicas"] == 3
+    assert decode["autoscaling_config"]["target_ongoing_requests"] == 2
+    prefill = deployment_options(cfg, "prefill")
+    assert prefill["num_replicas"] == 2 and "autoscaling_config" not in prefill
+    assert prefill["ray_actor_options"]["label_selector"] == {"ray.io/node-group": "prefill"}
+    assert (cfg.decode.min_replicas, cfg.decode.max_replicas) == (1, 3)
+
+
+@pytest.mark.parametrize("pool", [
+    {"num_replicas": "auto", "autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+    {"num_replicas": "auto", "autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 5}},
+    {"num_replicas": -1},
+    {"num_replicas": "many"},
+])
+def test_bad_pool_sizes_are_refused(pool: dict) -> None:
+    with pytest.raises(ValueError):
+        ServeConfig.model_validate({"decode": pool})

@@ -60,10 +60,15 @@ class FakeLoop:
 class FakeMetrics:
     def __init__(self) -> None:
         self.counts: dict[str, float] = {}
-        self.transfer_s = SimpleNamespace(observe=lambda v: None)
 
-    def inc(self, name: str, value: float = 1.0) -> None:
-        self.counts[name] = self.counts.get(name, 0) + value
+    def transfer_done(self, nbytes: int, seconds: float, backend: str) -> None:
+        self.counts["kvferry_remote_prefills_total"] = self.counts.get("kvferry_remote_prefills_total", 0) + 1
+
+    def local_recompute(self, reason: str) -> None:
+        key = f"kvferry_local_recomputes_total[{reason}]"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if reason == "transfer_failed":
+            self.counts["kvferry_kv_transfer_failures_total"] = self.counts.get("kvferry_kv_transfer_failures_total", 0) + 1
 
 
 class FakeTransport:

@@ -87,7 +87,7 @@ class FakeEngine:
 
 class FakeMetrics:
     def __init__(self) -> None:
-        self.observed: dict[str, list[float]] = {"ttft": [], "itl": [], "e2e": []}
+        self.observed: dict[str, list[float]] = {"ttft": [], "itl": [], "e2e": [], "tpot": []}
         self.finished_reasons: list[str | None] = []
         for name in self.observed:
             setattr(self, name, SimpleNamespace(observe=self.observed[name].append))
