@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean tools
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/kvferry serve $(ARGS)
 
-test: $(STAMP)
+# promtool (Prometheus rule tests) and prometheus (the live-metrics test) from Debian's
+# package, installed when missing; the tests that need them fail loudly without them.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; } || \
+		echo "could not install Debian's prometheus package (promtool): run as root or install it"
+
+test: $(STAMP) tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
