@@ -65,6 +65,9 @@ from router.speculative import SpeculativeRoutes
 
 logger = logging.getLogger(__name__)
 
+# The calls whose routing the metrics count: a pool's requests, not its control calls.
+_ROUTED_METHODS = ("generate", "prefill")
+
 _STATS_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "max_num_seqs", "kv_usage",
                "num_free_blocks", "prefill_tokens_per_s")
 
@@ -158,7 +161,9 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         """Record a speculative entry and the in-flight tokens for the chosen replica."""
         hints = find_hints(pending_request.args, pending_request.kwargs)
         if hints is None:
-            self._metrics.decision("no_hints")
+            # Control calls (model_info, ping, stats) carry no hints and are not routing decisions.
+            if getattr(pending_request.metadata, "call_method", "") in _ROUTED_METHODS:
+                self._metrics.decision("no_hints")
             return
         rid = replica_id.to_full_id_str()
         self._spec.record(hints.block_hashes, rid, time.time())
