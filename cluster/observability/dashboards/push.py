@@ -8,6 +8,7 @@ token, an error answer) becomes one :class:`PushError` with a message meant for 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,13 @@ class Pushed:
     url: str
 
 
+def _reason(e: Exception) -> str:
+    """The useful end of a connection error ("Connection refused"), not urllib3's whole chain."""
+    text = str(e)
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)|Failed to resolve '[^']+'|timed out", text)
+    return (m.group(1) or m.group(0)) if m else text
+
+
 def _explain(url: str, step: str, e: Exception) -> PushError:
     """A one-line reason from grafana-client's or the HTTP library's exception."""
     from grafana_client.client import GrafanaException
@@ -39,10 +47,10 @@ def _explain(url: str, step: str, e: Exception) -> PushError:
             return PushError(f"Grafana at {url} denied {step} (403 Forbidden): the token needs Editor rights")
         if status:
             return PushError(f"Grafana at {url} answered an error while {step}: {e.message}")
-        return PushError(f"could not reach Grafana at {url} while {step}: {e.message}")
+        return PushError(f"could not reach Grafana at {url} while {step}: {_reason(e)}")
     if isinstance(e, ValueError):  # a 2xx answer that is not JSON: not Grafana's API
         return PushError(f"{url} answered {step} with something other than Grafana's JSON API: {e}")
-    return PushError(f"could not reach Grafana at {url} while {step}: {e}")
+    return PushError(f"could not reach Grafana at {url} while {step}: {_reason(e)}")
 
 
 def _folder_uid(api: Any, title: str) -> str:
