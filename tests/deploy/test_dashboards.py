@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,10 @@ def test_the_cache_and_transfer_boards_cover_the_issue_list() -> None:
             "ray_kvferry_local_recomputes_total"} <= _metrics_of("kvferry-kv-transfer")
     by_backend = [q for q in transfer if "local_recomputes" not in q.expr]
     assert all("backend" in q.expr for q in by_backend)
+
+
+def test_the_cli_loads_the_dashboard_libraries_only_when_a_dashboards_command_runs() -> None:
+    code = "import sys, cluster.cli; print(sorted(m for m in sys.modules if m.startswith(('grafana', 'niquests'))))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
