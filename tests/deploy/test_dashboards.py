@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.metrics import CATALOG
-from cluster.observability.dashboards import CONDITIONS, DEFAULT_VARIABLES, dashboards, panel_queries, render_query
+from cluster.observability.dashboards import (
+    CONDITIONS, DEFAULT_VARIABLES, VARIABLE_QUERIES, dashboards, panel_queries, render_query,
+)
 from cluster.observability.dashboards.exprs import RAY_METRICS
 from cluster.observability.dashboards.files import SIDECAR_LABEL, export_files
 from cluster.observability.promql import metric
@@ -114,6 +116,8 @@ def test_each_board_has_the_four_variables() -> None:
             assert v["allValue"] == DEFAULT_VARIABLES[name]
             assert v["current"]["value"] == "$__all"
         assert "ray_io_cluster" in var["cluster"]["query"]
+        for v in VARIABLE_QUERIES:  # what the live test asks Prometheus is what Grafana asks
+            assert var[v.name]["query"] == var[v.name]["definition"] == v.grafana_query
         assert var["pool"]["allValue"] == "prefill|decode|mixed"
         assert re.fullmatch(var["pool"]["regex"].strip("/"), "decode")
         assert not re.fullmatch(var["pool"]["regex"].strip("/"), "ingress")
@@ -192,8 +196,8 @@ def _promtool() -> str:
 
 
 def test_prometheus_parses_every_query(tmp_path: Path) -> None:
-    rules = [{"record": f"kvferry:panel_query:{i}", "expr": render_query(q.expr)}
-             for i, q in enumerate(panel_queries())]
+    exprs = [q.expr for q in panel_queries()] + [v.match for v in VARIABLE_QUERIES]
+    rules = [{"record": f"kvferry:panel_query:{i}", "expr": render_query(e)} for i, e in enumerate(exprs)]
     path = tmp_path / "queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     out = subprocess.run([_promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

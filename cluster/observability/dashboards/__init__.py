@@ -4,7 +4,8 @@ Public API (the CLI, the manifests and the live-Prometheus test use these):
 
 - :func:`dashboards` -> ``{uid: JSON model}`` for Grafana;
 - :func:`panel_queries` -> every panel query as a :class:`PanelQuery`;
-- :func:`render_query` -> a query with the template variables filled in, ready for Prometheus.
+- :func:`render_query` -> a query with the template variables filled in, ready for Prometheus;
+- :data:`VARIABLE_QUERIES` -> what the cluster, application and pool variables list.
 
 Each board is plain data (``spec.Board``) in its own module; ``render.py`` turns it into
 Grafana JSON with grafana-foundation-sdk. ``files.py`` writes JSON and ConfigMaps,
@@ -16,7 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.observability.dashboards import kv_transfer, pools, prompt_cache
-from cluster.observability.dashboards.queries import DEFAULT_VARIABLES, PanelQuery, queries_of, render_query
+from cluster.observability.dashboards.queries import (
+    DEFAULT_VARIABLES, VARIABLE_QUERIES, PanelQuery, VariableQuery, queries_of, render_query,
+)
 from cluster.observability.dashboards.render import render
 from cluster.observability.dashboards.spec import CONDITIONS, Board
 
@@ -33,5 +36,5 @@ def panel_queries() -> list[PanelQuery]:
     return queries_of(BOARDS)
 
 
-__all__ = ["BOARDS", "CONDITIONS", "DEFAULT_VARIABLES", "PanelQuery", "dashboards", "panel_queries",
-           "render_query"]
+__all__ = ["BOARDS", "CONDITIONS", "DEFAULT_VARIABLES", "VARIABLE_QUERIES", "PanelQuery", "VariableQuery",
+           "dashboards", "panel_queries", "render_query"]

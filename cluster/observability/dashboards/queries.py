@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cluster.observability.dashboards import exprs
-from cluster.observability.dashboards.render import ref_ids
-from cluster.observability.dashboards.spec import Board
+from cluster.observability.dashboards.spec import Board, ref_ids
+from cluster.observability.promql import CLUSTER_LABEL, POOLS, SERVE_POOL_LABEL
 
 # What Grafana puts in for each variable when everything is selected ("All"), and a rate
 # window of a few scrape intervals (Grafana's $__rate_interval is 4 x the scrape interval).
@@ -25,6 +25,37 @@ DEFAULT_VARIABLES: dict[str, str] = {
 
 # $name, ${name} and ${name:format} (Grafana's formats do not change a plain regex value).
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
+
+
+@dataclass(frozen=True)
+class VariableQuery:
+    """A template variable listing the values of ``label`` on the series ``match`` selects.
+
+    Grafana runs ``label_values(match, label)``; Prometheus' equivalent is
+    ``GET /api/v1/label/<label>/values?match[]=<match>`` (after :func:`render_query`).
+    """
+
+    name: str
+    label: str
+    match: str
+    all_value: str
+    regex: str = ""  # Grafana keeps only the values this /regex/ matches
+
+    @property
+    def grafana_query(self) -> str:
+        return f"label_values({self.match}, {self.label})"
+
+
+# Serve's replica-health gauge exists for every deployment of every application as soon as
+# Serve runs, so it is the series the variables take their values from. The pool variable
+# keeps to the serving pools (not the ingress deployment).
+_SOURCE = "ray_serve_deployment_replica_healthy"
+VARIABLE_QUERIES: tuple[VariableQuery, ...] = (
+    VariableQuery("cluster", CLUSTER_LABEL, _SOURCE, exprs.ALL_CLUSTERS),
+    VariableQuery("application", "application", f'{_SOURCE}{{{CLUSTER_LABEL}=~"$cluster"}}', exprs.ALL_APPLICATIONS),
+    VariableQuery("pool", SERVE_POOL_LABEL, f'{_SOURCE}{{{CLUSTER_LABEL}=~"$cluster", application=~"$application"}}',
+                  exprs.ALL_POOLS, regex=f"/^({'|'.join(POOLS)})$/"),
+)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,11 @@ against whichever Prometheus a Grafana has.
 from __future__ import annotations
 
 import json
-import string
 import warnings
 from typing import Any
 
-from cluster.observability.dashboards import exprs
-from cluster.observability.dashboards.spec import Board, Panel, Target
-from cluster.observability.promql import CLUSTER_LABEL, POOLS, SERVE_POOL_LABEL
+from cluster.observability.dashboards.queries import VARIABLE_QUERIES, VariableQuery
+from cluster.observability.dashboards.spec import Board, Panel, Target, ref_ids
 
 with warnings.catch_warnings():
     # The SDK's classic Dashboard builder warns at import that v2 exists; v2 needs a Grafana
@@ -32,49 +30,33 @@ TAG = "kvferry"
 DATASOURCE_VAR = "datasource"
 DATASOURCE = common.DataSourceRef(type_val="prometheus", uid="${" + DATASOURCE_VAR + "}")
 PANEL_HEIGHT = 8
-# Serve's replica-health gauge exists for every deployment of every application as soon as
-# Serve runs, so it is the series the variables list their values from.
-_VARIABLE_SOURCE = "ray_serve_deployment_replica_healthy"
 _ALL = models.VariableOption(selected=True, text="All", value="$__all")
 
 
-def _query_variable(name: str, label: str, query: str, all_value: str) -> builders.QueryVariable:
-    """A multi-value variable listing a label's values, "All" (= ``all_value``) selected first."""
-    return (
-        builders.QueryVariable(name)
-        .label(label)
+def _query_variable(v: VariableQuery) -> builders.QueryVariable:
+    """A multi-value variable listing a label's values, "All" (= ``v.all_value``) selected first."""
+    variable = (
+        builders.QueryVariable(v.name)
+        .label(v.name.capitalize())
         .datasource(DATASOURCE)
-        .query(query)
-        .definition(query)
+        .query(v.grafana_query)
+        .definition(v.grafana_query)
         .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(models.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
         .include_all(True)
-        .all_value(all_value)
+        .all_value(v.all_value)
         .current(_ALL)
     )
+    return variable.regex(v.regex) if v.regex else variable
 
 
 def variables() -> list[Any]:
     """datasource, cluster, application, pool: the four variables every board shares."""
-    src = _VARIABLE_SOURCE
-    pool = _query_variable(
-        "pool", "Pool",
-        f'label_values({src}{{{CLUSTER_LABEL}=~"$cluster", application=~"$application"}}, {SERVE_POOL_LABEL})',
-        exprs.ALL_POOLS,
-    ).regex(f"/^({'|'.join(POOLS)})$/")  # the serving pools, not the ingress deployment
     return [
         builders.DatasourceVariable(DATASOURCE_VAR).label("Prometheus").type("prometheus"),
-        _query_variable("cluster", "Cluster", f"label_values({src}, {CLUSTER_LABEL})", exprs.ALL_CLUSTERS),
-        _query_variable("application", "Application",
-                        f'label_values({src}{{{CLUSTER_LABEL}=~"$cluster"}}, application)', exprs.ALL_APPLICATIONS),
-        pool,
+        *(_query_variable(v) for v in VARIABLE_QUERIES),
     ]
-
-
-def ref_ids(n: int) -> list[str]:
-    """Grafana's query names: A, B, C..."""
-    return list(string.ascii_uppercase[:n])
 
 
 def _query(target: Target, ref_id: str) -> prometheus.Dataquery:

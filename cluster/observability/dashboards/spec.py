@@ -8,6 +8,7 @@ the queries tested are the queries shown.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 from cluster.metrics import CATALOG
@@ -91,3 +92,8 @@ def describe(name: str) -> str:
         if spec.name == name:
             return spec.description
     raise KeyError(f"{name} is not in cluster.metrics.CATALOG")
+
+
+def ref_ids(n: int) -> list[str]:
+    """Grafana's query names: A, B, C..."""
+    return list(string.ascii_uppercase[:n])
