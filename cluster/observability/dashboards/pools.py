@@ -9,17 +9,15 @@ how fast is it for the user, and what does the API answer.
 
 from __future__ import annotations
 
-from cluster.observability.dashboards.exprs import (
-    RAY_METRICS, gauge, ingress_sel, node_sel, quantile, rate_sum, ratio, serve_sel,
-)
+from cluster.observability.dashboards.exprs import gauge, ingress_sel, node_sel, quantile, rate_sum, ratio, serve_sel
 from cluster.observability.dashboards.spec import Board, Panel, Row, Target, describe
 from cluster.observability.promql import GROUP_LABEL
 
 UID = "kvferry-pools"
 POOL = "deployment"  # the label replica metrics carry the pool in
+# Ray's own metrics (exprs.RAY_METRICS lists them for the tests).
 _HEALTHY, _TARGET = "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas"
 _CPU, _GPU = "ray_node_cpu_utilization", "ray_node_gpus_utilization"
-assert {_HEALTHY, _TARGET, _CPU, _GPU} <= RAY_METRICS
 
 
 def _replicas() -> Panel:
@@ -32,7 +30,7 @@ def _replicas() -> Panel:
         "Healthy replicas per pool (Serve's health checks) against the autoscaler's target "
         "(a fixed pool's target is its replica count). A gap that lasts means replicas fail to start.",
         "short", (Target(healthy, "{{deployment}} healthy"), Target(target, "{{deployment}} target")),
-        decimals=0,
+        decimals=0, width=8,
     )
 
 
@@ -43,7 +41,7 @@ def _utilisation() -> Panel:
         "Utilisation: running / max sequences",
         "Running sequences over the most the pool's replicas run at once "
         f"({describe('kvferry_max_num_seqs')}). Near 100 % the pool is saturated: scale it out.",
-        "percentunit", (Target(f"{running} / {capacity}", "{{deployment}}"),), max=1.0,
+        "percentunit", (Target(f"{running} / {capacity}", "{{deployment}}"),), max=1.0, width=8,
     )
 
 
@@ -53,7 +51,7 @@ def _kv_usage() -> Panel:
         "percentunit",
         (Target(gauge("avg", "kvferry_kv_usage", serve_sel(), POOL), "{{deployment}} mean"),
          Target(gauge("max", "kvferry_kv_usage", serve_sel(), POOL), "{{deployment}} fullest replica")),
-        max=1.0,
+        max=1.0, width=8,
     )
 
 
@@ -115,14 +113,14 @@ def _api() -> tuple[Panel, ...]:
     errors = rate_sum(answers, ingress_sel('code!="ok"'), "code")
     return (
         Panel("API requests/s by route", describe(answers) + " All answers, per route.", "reqps",
-              (Target(rate_sum(answers, ingress_sel(), "route"), "{{route}}", pool_label=None),), stack=True),
+              (Target(rate_sum(answers, ingress_sel(), "route"), "{{route}}", pool_label=None),), stack=True, width=8),
         Panel("API errors/s by code", "Error answers of the ingress per kvferry error code (the `code` "
               "field of the error body); 'ok' answers are left out. Empty while nothing fails.", "reqps",
-              (Target(errors, "{{code}}", pool_label=None, requires="api_errors"),), stack=True),
+              (Target(errors, "{{code}}", pool_label=None, requires="api_errors"),), stack=True, width=8),
         Panel("API error ratio", "Share of the ingress's answers that are errors (any code but ok).",
               "percentunit",
               (Target(ratio(rate_sum(answers, ingress_sel('code!="ok"')), rate_sum(answers, ingress_sel())),
-                      "errors", pool_label=None),), max=1.0),
+                      "errors", pool_label=None),), max=1.0, width=8),
     )
 
 
