@@ -246,6 +246,9 @@ def _register_replay() -> None:
 
 
 _register_replay()
+from cluster.dashboards_cli import app as dashboards_app  # noqa: E402 - typer only; its commands import lazily
+
+app.add_typer(dashboards_app, name="dashboards")
 
 if __name__ == "__main__":
     app()
