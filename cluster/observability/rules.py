@@ -16,7 +16,7 @@ rates), 5m for the ratios alerts fire on (one slow minute should not page).
 
 Every recording rule reads raw metrics only (never another recorded series), so each
 ``expr`` can also be evaluated on its own through Prometheus' HTTP API. The alerts
-(``alerts.py``) read the recorded series.
+(``alerts.py``) read the recorded series; ``render.rule_file()`` puts both in one file.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _latency() -> list[RecordingRule]:
     for name, short in (("kvferry_ttft_seconds", "ttft_seconds"), ("kvferry_request_tpot_seconds", "tpot_seconds")):
         for q, tag in ((0.5, "p50"), (0.99, "p99")):
             rules.append(RecordingRule(f"kvferry_pool:{short}:{tag}_1m", quantile(q, name, "1m", POOL_BY)))
-    rules.append(RecordingRule("kvferry_pool:ttft_seconds:p99_5m", quantile(0.99, "kvferry_ttft_seconds", "5m", POOL_BY)))
+    p99_5m = quantile(0.99, "kvferry_ttft_seconds", "5m", POOL_BY)
+    rules.append(RecordingRule("kvferry_pool:ttft_seconds:p99_5m", p99_5m))
     return rules
 
 
