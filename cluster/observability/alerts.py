@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.observability.promql import SERVE_POOL_LABEL
 from cluster.observability.rules import DEPLOYMENT_SELECTOR, POOL_BY, SERVE_HEALTHY, by
 
 ALERT_GROUP = "kvferry.alerts"
@@ -40,6 +41,11 @@ MIN_REQUESTS_5M = 20
 # How long a pool that vanished (no health series at all) is remembered: a pool removed on
 # purpose stops alerting after this long.
 VANISHED_LOOKBACK = "1h"
+# Who a vanished pool belonged to. Not ``ray_io_cluster``: a RayService upgrade replaces its
+# RayCluster (a new name), and the old cluster's pools vanishing then is no outage. The
+# Kubernetes namespace (added by the PodMonitors' scrape) survives the upgrade; locally it
+# is absent and the application alone says.
+STABLE_BY = ("namespace", "application", SERVE_POOL_LABEL)
 
 
 @dataclass(frozen=True)
@@ -75,16 +81,18 @@ def no_healthy_replica_expr() -> str:
     target series while the deployment exists; ``min_replicas`` is at least 1, so a target
     never means "scaled to zero on purpose"); (3) the pool reported within the lookback and
     reports nothing now (a fixed-size pool whose replicas, or whose whole Ray head, died).
+    (2) and (3) look for missing series per ``STABLE_BY``, so an upgrade's new RayCluster
+    counts as the same pool; with equal labels, ``or`` keeps one alert where both hold.
     Each branch is 0-valued so ``$value`` reads as "healthy replicas".
     """
     healthy = f"{SERVE_HEALTHY}{{{DEPLOYMENT_SELECTOR}}}"
-    present = f"count {by(POOL_BY)} ({healthy})"
-    on = f"on ({', '.join(POOL_BY)})"
+    present = f"count {by(STABLE_BY)} ({healthy})"
+    on = f"on ({', '.join(STABLE_BY)})"
     return "\n".join([
         f"(sum {by(POOL_BY)} ({healthy}) == 0)",
-        f"or (max {by(POOL_BY)} (ray_serve_autoscaling_target_replicas{{{DEPLOYMENT_SELECTOR}}}) * 0",
+        f"or (max {by(STABLE_BY)} (ray_serve_autoscaling_target_replicas{{{DEPLOYMENT_SELECTOR}}}) * 0",
         f"    unless {on} {present})",
-        f"or (count {by(POOL_BY)} (max_over_time({healthy}[{VANISHED_LOOKBACK}])) * 0",
+        f"or (count {by(STABLE_BY)} (max_over_time({healthy}[{VANISHED_LOOKBACK}])) * 0",
         f"    unless {on} {present})",
     ])
 

@@ -36,6 +36,10 @@ SCRAPE_INTERVAL = "15s"
 # __meta_kubernetes_pod_label_<name with every non-alphanumeric character as "_">.
 POD_LABELS = {"ray.io/cluster": CLUSTER_LABEL, "ray.io/group": GROUP_LABEL}
 NODE_TYPES = ("head", "worker")
+# The head also runs the Ray autoscaler (pending nodes, launch failures) and the dashboard,
+# each with its own metrics port. KubeRay does not declare these ports itself: the head
+# container must name them (44217, 44227) or these endpoints find no target, harmlessly.
+HEAD_EXTRA_PORTS = ("as-metrics", "dash-metrics")
 
 
 def _relabelings() -> list[dict[str, Any]]:
@@ -51,18 +55,17 @@ def pod_monitor(node_type: str) -> dict[str, Any]:
     if node_type not in NODE_TYPES:
         raise ValueError(f"node_type must be one of {NODE_TYPES}, not {node_type!r}")
     name = f"kvferry-ray-{node_type}"
+    ports = (METRICS_PORT,) + (HEAD_EXTRA_PORTS if node_type == "head" else ())
     return {
         "apiVersion": API_VERSION,
         "kind": "PodMonitor",
         "metadata": {"name": name, "labels": {**APP_LABELS, **RELEASE_LABELS}},
         "spec": {
             "selector": {"matchLabels": {"ray.io/node-type": node_type}},
-            "podMetricsEndpoints": [{
-                "port": METRICS_PORT,
-                "path": "/metrics",
-                "interval": SCRAPE_INTERVAL,
-                "relabelings": _relabelings(),
-            }],
+            "podMetricsEndpoints": [
+                {"port": port, "path": "/metrics", "interval": SCRAPE_INTERVAL, "relabelings": _relabelings()}
+                for port in ports
+            ],
         },
     }
 

@@ -27,14 +27,16 @@ ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "base" / "monitoring"
 PROMTOOL_TESTS = sorted((Path(__file__).parent / "promtool").glob("*.yaml"))
 
+# Labels every series gets on top of its own: Serve's for replica metrics, and on Kubernetes
+# the PodMonitors' relabelings and the operator's target labels (namespace, pod, ...).
+K8S_LABELS = {"ray_io_cluster", "ray_io_group", "namespace"}
+SERVE_LABELS = {"application", "deployment", "replica"} | K8S_LABELS
+ROUTER_LABELS = K8S_LABELS
 # Ray Serve's own metrics the rules read, with the labels Serve gives them.
 RAY_METRICS = {
-    "ray_serve_deployment_replica_healthy": {"application", "deployment", "replica"},
-    "ray_serve_autoscaling_target_replicas": {"application", "deployment"},
+    "ray_serve_deployment_replica_healthy": {"application", "deployment", "replica"} | K8S_LABELS,
+    "ray_serve_autoscaling_target_replicas": {"application", "deployment"} | K8S_LABELS,
 }
-# Labels every series gets on top of its own: Serve's for replica metrics, the PodMonitors'.
-SERVE_LABELS = {"application", "deployment", "replica", "ray_io_cluster", "ray_io_group"}
-ROUTER_LABELS = {"ray_io_cluster", "ray_io_group"}
 
 
 def promtool() -> str:
@@ -182,7 +184,7 @@ def test_rules_group_and_select_only_labels_their_metrics_have() -> None:
         grouped = {lbl.strip() for lst in re.findall(r"\bby \(([^)]*)\)", expr) for lbl in lst.split(",")}
         selected = {m for n in raw for m in re.findall(rf"{n}\{{([^}}]*)\}}", expr)}
         selected_labels = {lbl for sel in selected for lbl in re.findall(r"(\w+)\s*[=!]~?", sel)}
-        if missing := (grouped | selected_labels) - have - {"ray_io_cluster"}:
+        if missing := (grouped | selected_labels) - have:
             problems.append(f"{name}: {sorted(missing)}")
     assert problems == []
 
@@ -226,13 +228,17 @@ def test_podmonitors_scrape_head_and_workers_with_pool_labels() -> None:
     assert selected == ["head", "worker"]
     for d in docs:
         assert d["metadata"]["labels"]["release"], "kube-prometheus-stack selects monitors by release"
-        (endpoint,) = d["spec"]["podMetricsEndpoints"]
-        assert endpoint["port"] == "metrics"
-        relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
-        assert relabel == {
-            "ray_io_cluster": ["__meta_kubernetes_pod_label_ray_io_cluster"],
-            "ray_io_group": ["__meta_kubernetes_pod_label_ray_io_group"],
-        }
+        endpoints = d["spec"]["podMetricsEndpoints"]
+        assert endpoints[0]["port"] == "metrics"  # Ray's metrics export, on every node
+        for endpoint in endpoints:
+            relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+            assert relabel == {
+                "ray_io_cluster": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                "ray_io_group": ["__meta_kubernetes_pod_label_ray_io_group"],
+            }
+    head, worker = sorted(docs, key=lambda d: d["metadata"]["name"])
+    assert [e["port"] for e in worker["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert [e["port"] for e in head["spec"]["podMetricsEndpoints"]] == ["metrics", "as-metrics", "dash-metrics"]
 
 
 def test_the_kustomization_lists_the_monitoring_objects() -> None:
