@@ -134,6 +134,10 @@ class LocalPrometheus:
         data = self._api("/api/v1/query_range", {"query": expr, "start": start, "end": end, "step": step_s})
         return [(s["metric"], [(float(t), float(v)) for t, v in s["values"]]) for s in data["result"]]
 
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of ``label`` on series matching ``match`` (what Grafana's label_values() shows)."""
+        return list(self._api(f"/api/v1/label/{label}/values", {"match[]": match}))
+
     def scrapes_of(self, target: str) -> int:
         """How many times ``target`` was scraped successfully (in the last hour)."""
         found = self.query(f'sum_over_time(up{{instance="{target}"}}[1h])')
