@@ -62,6 +62,7 @@ def deployment_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
         **_replica_options(pool),
         "ray_actor_options": _actor_options(pool),
         "max_ongoing_requests": pool.max_ongoing_requests,
+        "max_queued_requests": pool.max_queued_requests,
         # Models take a while to load on a small box; don't let Serve give up on them.
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 5.0,

@@ -87,6 +87,11 @@ class PoolConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; > 0 runs the engine on CUDA.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads in each replica (the engine's num_threads).")
     max_ongoing_requests: int = Field(64, ge=1, description="Ray Serve's cap on requests in flight per replica.")
+    max_queued_requests: int = Field(
+        128, ge=-1,
+        description="Requests waiting for a free replica of this pool (all replicas at max_ongoing_requests); "
+        "beyond it clients get 503 with Retry-After at once instead of a timeout. -1: no limit.",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Extra Ray custom resources per replica (pins a pool to labelled nodes on KubeRay).",
@@ -189,6 +194,18 @@ class FailoverConfig(_Strict):
     )
 
 
+class AuthConfig(_Strict):
+    """Optional API keys (``cluster.auth``). The keys themselves never go in this file."""
+
+    api_keys_file: str | None = Field(
+        None, description="File with one API key per line (# comments); every request then needs one of them."
+    )
+    api_keys_env: str | None = Field(
+        "KVFERRY_API_KEYS",
+        description="Environment variable (of the ingress replicas) holding comma-separated API keys; unset = none.",
+    )
+
+
 class MetricsConfig(_Strict):
     """Where Prometheus scrapes kvferry (Ray exports every replica's metrics on each node)."""
 
@@ -256,6 +273,9 @@ class ServeConfig(_Strict):
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Request routing between replicas.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics export.")
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="API keys: off unless a key file or the key variable gives keys."
+    )
     app_name: str = Field("kvferry", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
 

@@ -26,6 +26,10 @@ from cluster.wire import INTERNAL_ERROR, REQUEST_TOO_LARGE, ApiError
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client should wait before retrying a 503 (a queue drains, a replica restarts).
+RETRY_AFTER_S = 1
+
+
 def error_response(
     err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -55,10 +59,11 @@ def _error_doc(description: str) -> dict[str, Any]:
 # The error statuses the API routes answer with, for the OpenAPI schema.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_doc("Invalid request: malformed JSON, a wrong type or value, or a prompt over the context."),
+    401: _error_doc("An API key is required (the server has keys) and none, or a wrong one, was sent."),
     404: _error_doc("The model does not exist on this server."),
     413: _error_doc("The request body is over the server's size limit."),
     500: _error_doc("This request failed inside the server (others are unaffected)."),
-    503: _error_doc("No replica can take the request now; retry later."),
+    503: _error_doc("Overloaded, or no replica can take the request now; retry after `Retry-After` seconds."),
     504: _error_doc("The request timed out."),
 }
 
@@ -102,7 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         set_error_code(request.state, exc.code or exc.type)
-        return error_response(exc, getattr(request.state, "request_id", None))
+        # Every 503 is transient (overload, a pool restarting): tell clients when to come back.
+        headers = {"retry-after": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
+        return error_response(exc, getattr(request.state, "request_id", None), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -21,7 +21,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
+from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
 from cluster.http_errors import ERROR_RESPONSES, document_openai_errors, install_error_handlers
 from cluster.http_limits import BodySizeLimit
@@ -48,6 +50,7 @@ from cluster.wire import (
     DECODE_POOL_UNAVAILABLE,
     MODEL_NOT_FOUND,
     REQUEST_TIMEOUT,
+    SERVER_OVERLOADED,
     ApiError,
     GenerateRequest,
     ModelInfo,
@@ -65,6 +68,9 @@ document_openai_errors(api)
 # The limit is the replica's config (set in Ingress.__init__, before any request arrives).
 api.state.max_request_bytes = 4 << 20
 api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
+# Keys before bodies: an unauthenticated client gets its 401 before anything is read.
+api.state.api_keys = ApiKeys()
+api.add_middleware(ApiKeyAuth, keys=lambda: api.state.api_keys)
 # Outermost (added last): counts every answer, the body-size limit's 413s included.
 api.state.record_answer = None
 api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
@@ -105,6 +111,9 @@ class Ingress:
         self.front_engine = self.cfg.engine_config(self.cfg.front_role, "ingress")
         api.state.max_request_bytes = self.cfg.http.max_request_bytes
         api.state.record_answer = ingress_answer_recorder()
+        api.state.api_keys = load_api_keys(self.cfg.auth.api_keys_file, self.cfg.auth.api_keys_env)
+        if not api.state.api_keys.enabled:
+            logger.info("no API keys configured: the API is open (see auth.* in docs/serving.md)")
         self.decode = decode
         self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         self._info: ModelInfo | None = None
@@ -219,7 +228,10 @@ class Ingress:
         except asyncio.TimeoutError as e:
             gen.cancel()
             raise ApiError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e
-        except Exception as e:  # noqa: BLE001 - replica death, backpressure, unavailable pool
+        except BackPressureError as e:  # every replica busy and the pool's queue full: shed load now
+            raise ApiError(503, "the server is overloaded: every replica is busy and the queue is full; "
+                           "retry later", code=SERVER_OVERLOADED) from e
+        except Exception as e:  # noqa: BLE001 - replica death, unavailable pool
             logger.warning("decode pool failed for %s: %r", request_id, e)
             raise ApiError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
         return _raise_if_error(first)

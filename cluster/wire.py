@@ -28,6 +28,8 @@ MODEL_NOT_FOUND = "model_not_found"
 REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 REQUEST_TOO_LARGE = "request_too_large"
+INVALID_API_KEY = "invalid_api_key"
+SERVER_OVERLOADED = "server_overloaded"
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
