@@ -8,9 +8,10 @@ probes are set here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from cluster.k8s.spec import DeploySpec, PodShape, quantity_value
+from cluster.k8s.spec import SHM_HEADROOM, DeploySpec, PodShape, quantity_value
 
 #: Ports only the head serves (GCS, dashboard + job API, Ray client).
 HEAD_ONLY_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001))
@@ -28,6 +29,12 @@ def serving_ports(http_port: int, grpc_port: int, metrics_port: int) -> list[tup
 def object_store_bytes(shape: PodShape) -> str:
     """``ray start --object-store-memory`` for a pod shape (bytes, as KubeRay wants a string)."""
     return str(int(quantity_value(shape.object_store_memory)))
+
+
+def shm_size(shape: PodShape) -> str:
+    """/dev/shm for the object store plus a quarter: Ray moves the store to slow disk if /dev/shm
+    has less free than the store's size, and NCCL and torch keep their own segments there."""
+    return f"{math.ceil(quantity_value(shape.object_store_memory) * SHM_HEADROOM / 2**20)}Mi"
 
 
 def _resources(shape: PodShape, ray_resources: dict[str, str]) -> dict[str, Any]:
@@ -50,7 +57,7 @@ def _volumes(shape: PodShape, spec: DeploySpec, with_models: bool) -> tuple[list
     """(volumes, mounts): /dev/shm for Ray's object store (a pod's default is 64 MiB, and Ray
     falls back to slow disk when it is smaller than the store); the model PVC on workers."""
     volumes: list[dict[str, Any]] = [
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shape.object_store_memory}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(shape)}},
     ]
     mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     if with_models and spec.model_volume is not None:

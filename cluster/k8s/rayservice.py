@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import ServeConfig
-from cluster.k8s.pinning import POOL_LABEL, group_labels, group_resources, mode_pools, pinned_config
+from cluster.k8s.pinning import group_labels, group_resources, mode_pools, pinned_config
 from cluster.k8s.pods import HEAD_ONLY_PORTS, object_store_bytes, pod_template, serving_ports
 from cluster.k8s.serve_config import pod_config, serve_config
 from cluster.k8s.spec import DeploySpec
@@ -124,7 +124,3 @@ def _cluster(cfg: ServeConfig, spec: DeploySpec) -> dict[str, Any]:
         "workerGroupSpecs": [_worker_group(cfg, spec, name) for name in mode_pools(cfg)],
     }
 
-
-def pool_of_group(group: dict[str, Any]) -> str | None:
-    """The pool a rendered worker group serves (its ``kvferry.io/pool`` Ray node label)."""
-    return (group.get("labels") or {}).get(POOL_LABEL)

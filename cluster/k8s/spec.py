@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P|m)?$")
 _FACTORS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+#: /dev/shm holds Ray's object store plus this share of it (see pods.shm_size).
+SHM_HEADROOM = 1.25
 # KubeRay appends 6 characters to a RayService's name for its RayCluster (max 53).
 MAX_NAME_LENGTH = 47
 
@@ -78,8 +80,11 @@ class PodShape(_Strict):
 
     @model_validator(mode="after")
     def _store_fits(self) -> PodShape:
-        if quantity_value(self.object_store_memory) >= quantity_value(self.memory):
-            raise ValueError(f"object_store_memory {self.object_store_memory} must be below memory {self.memory}")
+        # /dev/shm is memory the pod's limit counts.
+        if quantity_value(self.object_store_memory) * SHM_HEADROOM >= quantity_value(self.memory):
+            raise ValueError(
+                f"object_store_memory {self.object_store_memory} (+25% of /dev/shm) must be below memory {self.memory}"
+            )
         return self
 
 

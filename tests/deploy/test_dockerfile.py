@@ -68,6 +68,9 @@ def test_variants_use_rays_image_at_the_pinned_ray_and_the_right_torch() -> None
     lines = _dockerfile()
     (ray_pin,) = [d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray[")]
     assert f"ARG RAY_VERSION={ray_pin.split('==')[1]}" in lines
+    from cluster.k8s import RAY_VERSION  # the RayService's rayVersion
+
+    assert RAY_VERSION == ray_pin.split("==")[1]
     assert "ARG VARIANT=cpu" in lines
     stages = {m.group(2): m.group(1) for line in lines if (m := re.match(r"FROM (\S+) AS base-(\w+)", line))}
     assert stages == {"cpu": "rayproject/ray:${RAY_VERSION}-py311", "cuda": "rayproject/ray:${RAY_VERSION}-py311-gpu"}

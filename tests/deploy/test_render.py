@@ -49,6 +49,20 @@ def test_pool_labels_and_resources_of_its_own_carry_over_to_its_group() -> None:
     assert args["http"]["host"] == "0.0.0.0"  # a pod's proxy listens beyond loopback
 
 
+def test_namespace_and_object_store_fit_in_dev_shm() -> None:
+    from cluster.k8s.pods import object_store_bytes, shm_size
+
+    spec = DeploySpec.model_validate({"namespace": "llm", "pools": {"prefill": {"object_store_memory": "1Gi"}}})
+    doc = render(ServeConfig(), spec)
+    assert doc["metadata"]["namespace"] == "llm"
+    prefill = _groups(doc)["prefill"]
+    store = int(prefill["rayStartParams"]["object-store-memory"])
+    (shm,) = [v for v in prefill["template"]["spec"]["volumes"] if v["name"] == "shm"]
+    # Ray puts the store on slow disk unless /dev/shm has at least its size free.
+    assert store == 2**30 and quantity_value(shm["emptyDir"]["sizeLimit"]) > store
+    assert shm_size(spec.pool_shape("prefill")) == "1280Mi" and object_store_bytes(spec.head) == str(256 * 2**20)
+
+
 @pytest.mark.parametrize(("config", "spec", "message"), [
     ({"decode": {"num_gpus": 0.5}}, {}, "cannot share a GPU"),
     ({"prefill": {"num_replicas": 0}}, {}, "at least one replica"),
