@@ -36,6 +36,12 @@ def _check_model_volume(cfg: ServeConfig, spec: DeploySpec) -> None:
         raise ValueError(f"model.model {cfg.model.model!r} is not under the model volume's mount path {root}")
 
 
+def _check_pool_shapes(cfg: ServeConfig, spec: DeploySpec) -> None:
+    unused = sorted(set(spec.pools) - set(mode_pools(cfg)))
+    if unused:
+        raise ValueError(f"the deploy description sizes pools {unused} that mode {cfg.mode} does not have")
+
+
 def _check_ingress_room(cfg: ServeConfig, spec: DeploySpec) -> None:
     """Ingress replicas are not pinned; the pool pods' spare CPUs must hold them all."""
     needed = cfg.ingress.max_replicas * cfg.ingress.num_cpus
@@ -88,6 +94,7 @@ def render(cfg: ServeConfig, spec: DeploySpec) -> dict[str, Any]:
     run_cfg = pod_config(pinned_config(cfg))
     _check_model_volume(run_cfg, spec)
     _check_ingress_room(run_cfg, spec)
+    _check_pool_shapes(run_cfg, spec)
     metadata: dict[str, Any] = {"name": spec.name}
     if spec.namespace:
         metadata["namespace"] = spec.namespace

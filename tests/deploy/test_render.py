@@ -70,6 +70,7 @@ def test_namespace_and_object_store_fit_in_dev_shm() -> None:
     ({"prefill": {"node_labels": {"kvferry.io/pool": "decode"}}}, {}, "pins it to prefill"),
     ({"ingress": {"num_replicas": 4, "num_cpus": 1}}, {"spare_cpus": 1}, "spare CPUs"),
     ({"model": {"model": "/data/m"}}, {"model_volume": {"claim_name": "m", "mount_path": "/models"}}, "mount path"),
+    ({"mode": "colocated"}, {"pools": {"decode": {}}}, "does not have"),
 ])
 def test_render_refuses_what_cannot_run_on_kubernetes(config: dict, spec: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
