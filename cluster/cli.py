@@ -247,8 +247,10 @@ def _register_replay() -> None:
 
 _register_replay()
 from cluster.dashboards_cli import app as dashboards_app  # noqa: E402 - typer only; its commands import lazily
+from cluster.k8s_cli import k8s_app  # noqa: E402 - cheap: the command imports what it needs when it runs
 
 app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(k8s_app, name="k8s")
 
 if __name__ == "__main__":
     app()
