@@ -81,12 +81,12 @@ def _draw(prom: LocalPrometheus, start: float, end: float, out: Path) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cluster.observability.dashboards import GPU_ONLY_PANELS, panel_queries, render_query
+    from cluster.observability.dashboards import panel_queries, render_query
 
     panels: dict[str, list] = {}
     for q in panel_queries():
-        if q.dashboard == "kvferry-pools" and q.panel not in GPU_ONLY_PANELS:
-            panels.setdefault(q.panel, []).append(q)
+        if q.dashboard_uid == "kvferry-pools" and q.requires != "gpu":  # no GPU on a CPU box
+            panels.setdefault(q.panel_title, []).append(q)
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3 * rows), squeeze=False)
