@@ -33,3 +33,11 @@ def test_serving_layouts_ratio_survives_a_layout_without_a_figure() -> None:
     spec.loader.exec_module(mod)
     assert mod._ratio({"itl_s": {}}, {"itl_s": {"p50": 0.1}}, "itl_s", "p50") is None
     assert mod._ratio({"ttft_s": {"p50": 0.3}}, {"ttft_s": {"p50": 0.2}}, "ttft_s", "p50") == pytest.approx(1.5)
+
+
+def test_docs_figure_script_runs_from_elsewhere(tmp_path: Path) -> None:
+    """docs/figures/pools_dashboard.py regenerates the Pools figure in docs/deploy.md."""
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "figures" / "pools_dashboard.py"), "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--out" in out.stdout and "--conversations" in out.stdout
