@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -70,9 +71,11 @@ def _bench(url: str, conversations: int, concurrency: int) -> None:
                     "--concurrency", str(concurrency), "--max-tokens", "32", "--system-words", "200"], check=True)
 
 
-def _label(labels: dict[str, str]) -> str:
-    parts = [labels[k] for k in POOL_LABELS if k in labels]
-    return "/".join(parts) or "all"
+def _label(legend: str, labels: dict[str, str]) -> str:
+    """The panel's own legend format (``{{deployment}} p99``) filled in, as Grafana would."""
+    if legend:
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), legend).strip() or "all"
+    return "/".join(labels[k] for k in POOL_LABELS if k in labels) or "all"
 
 
 def _draw(prom: LocalPrometheus, start: float, end: float, out: Path) -> int:
@@ -94,7 +97,7 @@ def _draw(prom: LocalPrometheus, start: float, end: float, out: Path) -> int:
         for q in queries:
             for labels, values in prom.query_range(render_query(q.expr, VARIABLES), start, end, 5):
                 ts = [t - start for t, _ in values]
-                ax.plot(ts, [v for _, v in values], label=f"{q.ref_id} {_label(labels)}")
+                ax.plot(ts, [v for _, v in values], label=_label(q.legend, labels))
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("s", fontsize=7)
