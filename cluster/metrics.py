@@ -16,8 +16,11 @@ from typing import Any
 
 from router.metrics import ROUTER_CATALOG, MetricSpec
 
-# Latency buckets, seconds: from one fast decode step to a long CPU prefill.
-_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+# Latency buckets, seconds: from one fast decode step to a long CPU prefill. Dense where
+# TPOT and ITL live (vLLM's time-per-output-token buckets), so p50/p99 interpolate within a
+# narrow bucket instead of snapping to 0.25 / 0.5 / 1.0.
+_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0]
 
 
 # Label values used below (documented once, so dashboards and rules use the same words).
