@@ -49,12 +49,16 @@ def deployment_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
     Plain data only (no router objects), so ``kvferry k8s render`` writes the same numbers
     into a RayService that ``build_app`` gives Serve here.
     """
+    # A replica being replaced (redeploy, scale-down) stops taking requests and finishes the
+    # ones it has: a stream may run as long as the ingress lets any request run.
+    drain = {"graceful_shutdown_timeout_s": cfg.http.request_timeout_s, "graceful_shutdown_wait_loop_s": 1.0}
     if name == "ingress":
         return {
             "name": "ingress",
             **_replica_options(cfg.ingress),
             "ray_actor_options": {"num_cpus": cfg.ingress.num_cpus},
             "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
+            **drain,
         }
     pool = cfg.pool(name)
     return {
@@ -65,7 +69,7 @@ def deployment_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
         "max_queued_requests": pool.max_queued_requests,
         # Models take a while to load on a small box; don't let Serve give up on them.
         "health_check_timeout_s": 60.0,
-        "graceful_shutdown_timeout_s": 5.0,
+        **drain,
     }
 
 

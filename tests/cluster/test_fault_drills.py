@@ -8,7 +8,6 @@ token for token against the same weights run offline.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from tests.cluster.conftest import deploy_app
+from tests.cluster.streaming import ChatStream, chat_body
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,11 +46,6 @@ def _reference(engine: Any, content: str, max_tokens: int) -> str:
     return engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0].text
 
 
-def _body(content: str, max_tokens: int, stream: bool = False) -> dict:
-    return {"model": "llama", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream,
-            "messages": [{"role": "user", "content": content}]}
-
-
 def _kill(pool: str, replica_id: str | None = None) -> None:
     """Kill one replica actor of ``pool`` (the one whose id ends like ``replica_id``, if given)."""
     import ray
@@ -63,42 +58,14 @@ def _kill(pool: str, replica_id: str | None = None) -> None:
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
-class _Stream(threading.Thread):
-    """One streaming chat in a thread: its decode replica, its text, and any error event."""
-
-    def __init__(self, url: str, content: str, max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.content, self.max_tokens = url, content, max_tokens
-        self.replica: str | None = None
-        self.text, self.errors, self.started = "", [], threading.Event()
-        self.ended_at: float | None = None
-
-    def run(self) -> None:
-        with httpx.stream("POST", self.url + "/v1/chat/completions", json=_body(self.content, self.max_tokens, True),
-                          timeout=60) as r:
-            assert r.status_code == 200
-            self.replica = r.headers["x-kvferry-decode-replica"]
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    self.errors.append(event["error"])
-                    continue
-                self.text += event["choices"][0]["delta"].get("content") or ""
-                self.started.set()
-        self.ended_at = time.monotonic()
-        self.started.set()
-
-
 def test_decode_replica_killed_others_finish_and_survivor_leaks_no_blocks(server, reference_engine) -> None:
     from ray import serve
 
-    streams = [_Stream(server, f"story {i}: tell me about the river", 150) for i in range(6)]
+    streams = [ChatStream(server, f"story {i}: tell me about the river", 150) for i in range(6)]
     for s in streams:
         s.start()
     for s in streams:
-        assert s.started.wait(60)
+        assert s.started.wait(60) and s.status == 200, s.errors
     replicas = {s.replica for s in streams}
     assert len(replicas) == 2, f"streams must run on both decode replicas: {replicas}"
     victim = streams[0].replica
@@ -138,7 +105,7 @@ def test_prefill_replica_killed_mid_transfer_gives_right_answers_and_repairs(ser
     results: dict[int, httpx.Response] = {}
 
     def send(i: int) -> None:
-        results[i] = httpx.post(server + "/v1/chat/completions", json=_body(contents[i], 6), timeout=120)
+        results[i] = httpx.post(server + "/v1/chat/completions", json=chat_body(contents[i], 6), timeout=120)
 
     threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(contents))]
     for t in threads:
@@ -158,7 +125,7 @@ def test_prefill_replica_killed_mid_transfer_gives_right_answers_and_repairs(ser
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         content = f"after {time.monotonic():.0f}: {LONG}"
-        r = httpx.post(server + "/v1/chat/completions", json=_body(content, 6), timeout=60)
+        r = httpx.post(server + "/v1/chat/completions", json=chat_body(content, 6), timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == _reference(reference_engine, content, 6)
         if r.headers["x-kvferry-prefill-replica"] != "local":
