@@ -43,6 +43,9 @@ class BenchConfig:
     concurrency: int = 4
     # Open loop: conversation arrivals per second (Poisson); None = closed loop.
     rate: float | None = None
+    # Closed loop for this long instead of num_conversations: each of the `concurrency`
+    # clients starts conversation after conversation until the time is up (soak tests).
+    duration_s: float | None = None
     # Tokens to generate per turn.
     max_tokens: int = 16
     # Words in the shared system prompt and in each user message.
@@ -165,6 +168,23 @@ async def resolve_model(client: httpx.AsyncClient, url: str) -> str:
     return r.json()["data"][0]["id"]
 
 
+async def _for_duration(
+    client: httpx.AsyncClient, cfg: BenchConfig, model: str, system: str, deadline: float
+) -> list[list[RequestRecord]]:
+    """``concurrency`` clients, each running conversations back to back until ``deadline``."""
+
+    async def client_loop(k: int) -> list[RequestRecord]:
+        records: list[RequestRecord] = []
+        n = 0
+        while time.perf_counter() < deadline:
+            conv_rng = random.Random(cfg.seed * 1000 + k + n * cfg.concurrency)
+            records += await _conversation(client, cfg, model, system, conv_rng)
+            n += 1
+        return records
+
+    return list(await asyncio.gather(*(client_loop(k) for k in range(cfg.concurrency))))
+
+
 async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Offer the configured load and return the summary (see ``summarize``)."""
     rng = random.Random(cfg.seed)
@@ -184,6 +204,8 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 at += rng.expovariate(cfg.rate)
                 starts.append(at)
             results = await asyncio.gather(*(delayed(i, s) for i, s in enumerate(starts)))
+        elif cfg.duration_s is not None:
+            results = await _for_duration(client, cfg, model, system, t0 + cfg.duration_s)
         else:
             sem = asyncio.Semaphore(cfg.concurrency)
 

@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `kvferry serve` sets it for its Ray workers (see cluster/cli.py): replicas' RSS stays flat.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 
 def free_port() -> int:

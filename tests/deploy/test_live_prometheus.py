@@ -2,21 +2,17 @@
 real ``kvferry serve`` (the embedded default model), must return data for the pools that exist.
 
 A query that returns nothing is a broken panel: a misspelt metric, a label that is not
-there, a pool filter that matches nothing. The server joins the session's Ray cluster, so
-this test can inject one KV-transfer failure through a Serve handle; Prometheus (Debian's
-package) scrapes that cluster's metrics export port every second and loads kvferry's rules.
+there, a pool filter that matches nothing. The server (``default_server`` in this folder's
+conftest) joins the session's Ray cluster, so this test can inject one KV-transfer failure
+through a Serve handle; Prometheus (Debian's package) scrapes that cluster's metrics export
+port every second and loads kvferry's rules.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,78 +20,38 @@ import pytest
 import yaml
 
 from cluster.observability.local_prometheus import LocalPrometheus, Sample
-from tests.conftest import free_port
 from tests.deploy import live_traffic
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TTL_S = 4.0
 # Ray's metrics agent exports what processes recorded every ~10 s (metrics_report_interval_ms).
 RAY_EXPORT_S = 11.0
 POOL_LABELS = ("deployment", "pool", "ray_io_group")
 SERVING_POOLS = {"prefill", "decode", "mixed"}
 
 
-def _kvferry_exe() -> str:
-    exe = Path(sys.executable).with_name("kvferry")
-    assert exe.exists(), f"{exe} missing: install kvferry (make install)"
-    return str(exe)
-
-
-def _wait_serving(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if "kvferry is serving" in text:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"kvferry serve exited with {proc.returncode}:\n{text[-3000:]}")
-        time.sleep(1)
-    pytest.fail(f"kvferry serve not up after {timeout_s:g}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 @pytest.fixture(scope="module")
-def live(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def live(default_server, tmp_path_factory: pytest.TempPathFactory) -> Any:
     import ray
     from ray import serve
 
     work = tmp_path_factory.mktemp("live-prometheus")
-    port = free_port()
-    config = {
-        "engine": {"default_ttl_s": TTL_S, "num_kv_blocks": 96},
-        "http": {"port": port, "prefill_timeout_s": 60.0},
-        "transport": {"transfer_timeout_s": 3.0},
-    }
-    (work / "kvferry.yaml").write_text(yaml.safe_dump(config))
-    log = work / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([_kvferry_exe(), "serve", "--config", str(work / "kvferry.yaml"),
-                                 "--address", ray_cluster["address"]], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_serving(proc, log, timeout_s=600)
-        node = next(n for n in ray.nodes() if n["Alive"])
-        target = f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
-        rules = work / "rules.yaml"
-        rules.write_text(yaml.safe_dump(_rule_file()))
-        with LocalPrometheus([target], work / "prom", rule_files=[rules]) as prom:
-            url = f"http://127.0.0.1:{port}"
-            model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            decode = serve.get_deployment_handle("decode", app_name="kvferry")
-            live_traffic.warm_up(url, model)
-            time.sleep(RAY_EXPORT_S)  # every series exists before the measured traffic: rates > 0
-            sent = live_traffic.traffic(url, model, lambda: decode.inject_transfer_failures.remote(1).result())
-            live_traffic.let_blocks_expire(url, model, TTL_S)
-            time.sleep(RAY_EXPORT_S)
-            prom.wait_for_scrapes(target, 2)
-            time.sleep(3)  # one rule evaluation after the last scrape
-            yield {"prom": prom, "sent": sent, "url": url}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    url = default_server.url
+    node = next(n for n in ray.nodes() if n["Alive"])
+    target = f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+    rules = work / "rules.yaml"
+    rules.write_text(yaml.safe_dump(_rule_file()))
+    with LocalPrometheus([target], work / "prom", rule_files=[rules]) as prom:
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        decode = serve.get_deployment_handle("decode", app_name="kvferry")
+        live_traffic.warm_up(url, model)
+        time.sleep(RAY_EXPORT_S)  # every series exists before the measured traffic: rates > 0
+        sent = live_traffic.traffic(url, model, lambda: decode.inject_transfer_failures.remote(1).result())
+        live_traffic.let_blocks_expire(url, model, default_server.ttl_s)
+        time.sleep(RAY_EXPORT_S)
+        prom.wait_for_scrapes(target, 2)
+        time.sleep(3)  # one rule evaluation after the last scrape
+        yield {"prom": prom, "sent": sent, "url": url}
 
 
 def _rule_file() -> dict:
