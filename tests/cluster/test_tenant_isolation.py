@@ -6,9 +6,10 @@ twice: with
 ``cache.tenant_isolation: api_key`` (the default) key B never hits key A's cached blocks,
 on text and token-id completions and on chat, streamed or not (``cached_tokens`` is 0 in
 every usage field); with ``tenant_isolation: none`` the very same test expects the hit to
-be shared, so it can tell the two apart. Then nothing a client or a Prometheus scraper can
-read (the GET endpoints, response headers, Ray's metrics export) carries a prompt, an API
-key, a tenant salt or any block hash of the prompts, in any of its usual renderings.
+be shared, so it can tell the two apart. Then nothing a client, a Prometheus scraper or a
+log reader can see (the GET endpoints, response headers, Ray's metrics export, the Ray
+session's log files) carries a prompt, an API key, a tenant salt or any block hash of the
+prompts, in any of its usual renderings.
 
 Anonymous requests are not exercised here (the keys are required); ``cluster.tenancy``
 gives them their own salt, ``"anonymous"``, which no key's ``"tenant-<hash>"`` salt can equal
@@ -164,6 +165,14 @@ def _forbidden(prompts: list[str], ids: list[list[int]], model_id: str) -> list[
     return out
 
 
+def _ray_logs() -> dict[str, str]:
+    """Every log file of this Ray session (drivers, workers, replicas, Serve's access logs)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return {f"log {p.name}": p.read_bytes().decode("utf-8", "replace") for p in logs.rglob("*") if p.is_file()}
+
+
 def _ray_metrics() -> str:
     """Everything Ray's metrics agent exports on this node (what Prometheus would scrape)."""
     import ray
@@ -172,7 +181,7 @@ def _ray_metrics() -> str:
     return httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30).text
 
 
-def test_no_endpoint_header_or_metric_exposes_prompts_hashes_or_keys(server, reference_engine) -> None:
+def test_no_endpoint_header_metric_or_log_exposes_prompts_hashes_or_keys(server, reference_engine) -> None:
     url, _ = server
     chat = _prompt("leak chat")
     text = _prompt("leak text")
@@ -199,8 +208,9 @@ def test_no_endpoint_header_or_metric_exposes_prompts_hashes_or_keys(server, ref
             break
         time.sleep(2)
     assert "kvferry_requests_total" in metrics, "Ray's metrics export has no kvferry metrics to check"
-    everything = {"metrics": metrics, **{f"response {i}": s for i, s in enumerate(seen)}}
+    time.sleep(1.0)  # log lines are flushed by the workers
+    everything = {"metrics": metrics, **{f"response {i}": s for i, s in enumerate(seen)}, **_ray_logs()}
     leaks = [(what, where) for what, needle in forbidden for where, hay in everything.items() if needle in hay]
     assert leaks == [], leaks[:10]
-    print(f"[measured] {len(forbidden)} forbidden strings checked against {len(metrics)} bytes of metrics "
-          f"and {len(seen)} responses: none found")
+    print(f"[measured] {len(forbidden)} forbidden strings checked against {len(metrics)} bytes of metrics, "
+          f"{len(seen)} responses and {len(everything) - len(seen) - 1} log files: none found")
