@@ -5,7 +5,7 @@ and the matching HTTP status (the error type itself, ``cluster.wire.ApiError``, 
 Serve handles too). FastAPI's own 422 validation errors (malformed JSON, wrong types,
 out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
 unexpected exception becomes a generic 500 whose body names the request id, not the stack.
-The OpenAPI schema is made to say exactly that.
+``cluster.openapi_doc`` makes the OpenAPI schema say exactly that.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -68,37 +67,65 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def document_openai_errors(app: FastAPI) -> None:
-    """Make the app's OpenAPI schema say what the server does: validation errors are 400 in
-    OpenAI's error shape (FastAPI would document a 422 the server never sends)."""
+# pydantic's words for "this is not an object"; clients sent JSON, so say JSON.
+_NOT_AN_OBJECT = {"model_type", "model_attributes_type", "dict_type"}
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            for path in schema.get("paths", {}).values():
-                for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
-            schemas = schema.get("components", {}).get("schemas", {})
-            schemas.pop("HTTPValidationError", None)
-            schemas.pop("ValidationError", None)
-            app.openapi_schema = schema
-        return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+def _real_path(loc: tuple[Any, ...], body: Any, error_type: str) -> list[str | int]:
+    """The part of pydantic's ``loc`` that names places in the body.
+
+    pydantic adds the union member it tried (``stop.constrained-str``,
+    ``messages.0.content.list[ContentPart]``) and ``[key]`` for dict keys; those are not
+    fields a client can find, so every part that does not index the body is dropped (but
+    the last part of a ``missing`` error, the field that is not there, is kept).
+    """
+    path: list[str | int] = []
+    node = body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif error_type == "missing" and i == len(loc) - 1:
+            path.append(part)
+    return path
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """A one-line message and the offending parameter from pydantic's error list."""
-    errors = exc.errors()
+    """A one-line message and the offending parameter from pydantic's error list.
+
+    One error is reported, like OpenAI's API: the deepest one inside the first offending
+    field (for a union like ``stop: str | list[str]``, the branch the value matched got
+    furthest), a specific complaint before a bare type mismatch, and every union branch's
+    complaint about the same place joined with "or".
+    """
+    errors = [e for e in exc.errors() if isinstance(e, dict)]
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    msg = first.get("msg", "invalid value")
-    return (f"{param}: {msg}" if param else msg), param
+    body = getattr(exc, "body", None)
+    located = [(_real_path(tuple(p for p in e.get("loc", ()) if p != "body"), body, e.get("type", "")), e)
+               for e in errors]
+    first_path = located[0][0]
+    if not first_path:  # the body itself
+        if errors[0].get("type") == "missing":
+            return "the request body is empty: send a JSON object", None
+        return "the request body must be a JSON object", None
+    same_field = [(p, e) for p, e in located if p and p[0] == first_path[0]]
+    depth = max(len(p) for p, _ in same_field)
+    deepest = [(p, e) for p, e in same_field if len(p) == depth]
+    chosen = [(p, e) for p, e in deepest if not str(e.get("type", "")).endswith("_type")] or deepest
+    path = chosen[0][0]
+    messages: list[str] = []
+    for p, e in chosen:
+        msg = "Input should be a JSON object" if e.get("type") in _NOT_AN_OBJECT else str(e.get("msg", "invalid value"))
+        if p == path and msg not in messages:
+            messages.append(msg)
+    param = ".".join(str(part) for part in path)
+    return f"{param}: {' or '.join(messages)}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -25,11 +25,14 @@ from ray.serve.exceptions import BackPressureError
 
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
-from cluster.http_errors import ERROR_RESPONSES, document_openai_errors, install_error_handlers
+from cluster.http_body import JsonBodyRoute
+from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
 from cluster.http_metrics import ApiMetrics, set_error_code
 from cluster.metrics import ingress_answer_recorder
+from cluster.openapi_doc import document_api, sse_response
 from cluster.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -63,8 +66,10 @@ from engine.intake import check_tokens
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="kvferry", description="OpenAI-compatible LLM serving with disaggregated prefill/decode.")
+# Bodies are parsed by kvferry (clear 400s for bad UTF-8, deep nesting, non-JSON types).
+api.router.route_class = JsonBodyRoute
 install_error_handlers(api)
-document_openai_errors(api)
+document_api(api, event_models=(ChatCompletionChunk, CompletionResponse))
 # The limit is the replica's config (set in Ingress.__init__, before any request arrives).
 api.state.max_request_bytes = 4 << 20
 api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
@@ -74,8 +79,9 @@ api.add_middleware(ApiKeyAuth, keys=lambda: api.state.api_keys)
 # Outermost (added last): counts every answer, the body-size limit's 413s included.
 api.state.record_answer = None
 api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
-_SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-              "description": "JSON, or server-sent events when `stream` is true."}}
+# What each POST route documents: OpenAI-shaped errors, and JSON or SSE events for a 200.
+_CHAT_RESPONSES = {**ERROR_RESPONSES, **sse_response(ChatCompletionChunk)}
+_COMPLETION_RESPONSES = {**ERROR_RESPONSES, **sse_response(CompletionResponse)}
 _INTERRUPTED = f"data: {json.dumps(ApiError(500, 'stream interrupted').body())}\n\n"
 
 
@@ -128,17 +134,17 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/models", responses={503: ERROR_RESPONSES[503]})
+    @api.get("/v1/models", responses={s: ERROR_RESPONSES[s] for s in (401, 503)})
     async def models(self) -> ModelList:
         info = await self._model_info()
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=info.max_model_len)])
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERROR_RESPONSES, **_SSE})
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_RESPONSES)
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return await self._serve(body, request, {"messages": messages}, chat=True)
 
-    @api.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_SSE})
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         return await self._serve(body, request, {"prompt": body.prompt}, chat=False)
 

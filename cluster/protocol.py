@@ -50,9 +50,15 @@ def parse_retention(value: str | None) -> float | None:
 
 
 class _Edge(BaseModel):
-    """Request base: ignore unknown fields (clients send many), validate known ones."""
+    """Request base: ignore unknown fields (clients send many), validate known ones strictly.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict: ``"max_tokens": "2"`` or ``"stream": "true"`` is a 400 like in OpenAI's API, not
+    silently coerced; the OpenAPI schema says ``integer`` and ``boolean``, and the server
+    now means it (an integer is still a valid float). A float that overflows to infinity
+    (``1e400``) is refused as "not a finite number" rather than compared with a bound.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class CacheControl(_Edge):
