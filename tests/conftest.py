@@ -40,6 +40,9 @@ def ray_cluster() -> Iterator[dict]:
         log_to_driver=False,
         namespace="kvferry-tests",
         _node_ip_address="127.0.0.1",
+        # Processes hand their metrics to Ray's exporter every 2 s (default 10 s), so the
+        # live-Prometheus test waits seconds, not tens of seconds, for what it sent.
+        _system_config={"metrics_report_interval_ms": 2000},
     )
     try:
         yield {"address": ctx.address_info["address"], "gcs_address": ctx.address_info["gcs_address"]}

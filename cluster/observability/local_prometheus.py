@@ -46,7 +46,9 @@ class LocalPrometheus:
     targets: list[str]  # host:port of Ray metrics exporters
     workdir: Path
     rule_files: list[Path] = field(default_factory=list)
-    scrape_interval_s: float = 1.0
+    # Ray's exporter can take over a second to render a big cluster's metrics (every dead
+    # replica's series lingers), so scrape every 2 s with a 2 s timeout, not 1 s.
+    scrape_interval_s: float = 2.0
     binary: str = "prometheus"
     port: int = 0
     _proc: subprocess.Popen | None = None
@@ -58,7 +60,7 @@ class LocalPrometheus:
     def _write_config(self) -> Path:
         interval = f"{self.scrape_interval_s:g}s"
         cfg = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": list(self.targets)}]}],
         }
@@ -143,11 +145,17 @@ class LocalPrometheus:
         found = self.query(f'sum_over_time(up{{instance="{target}"}}[1h])')
         return int(found[0].value) if found else 0
 
-    def wait_for_scrapes(self, target: str, count: int, timeout_s: float = 60.0) -> None:
+    def target_health(self) -> list[dict[str, Any]]:
+        """Prometheus' view of each target: health, last error, last scrape duration."""
+        targets = self._api("/api/v1/targets", {})["activeTargets"]
+        return [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError", "lastScrapeDuration")} for t in targets]
+
+    def wait_for_scrapes(self, target: str, count: int, timeout_s: float = 90.0) -> None:
         """Block until ``count`` more successful scrapes of ``target`` than now."""
         goal = self.scrapes_of(target) + count
         deadline = time.monotonic() + timeout_s
         while self.scrapes_of(target) < goal:
             if time.monotonic() > deadline:
-                raise PrometheusError(f"fewer than {count} scrapes of {target} in {timeout_s:g}s")
+                raise PrometheusError(f"fewer than {count} scrapes of {target} in {timeout_s:g}s: "
+                                      f"{self.target_health()}")
             time.sleep(self.scrape_interval_s / 2)
