@@ -74,7 +74,9 @@ def _pools_exporting(prom: LocalPrometheus, expr: str) -> set[str]:
     pools: set[str] = set()
     for name in set(re.findall(r"\bray_[a-z_]+\b", expr)):
         for label in POOL_LABELS:
-            pools |= _pool_values(prom.query(f"count by ({label}) ({name})"))
+            # Only this server's series: earlier tests' apps on the same Ray cluster leave
+            # theirs (a colocated app's `mixed` pool, say). Router metrics carry no application.
+            pools |= _pool_values(prom.query(f'count by ({label}) ({name}{{application=~"kvferry|"}})'))
     return pools
 
 
