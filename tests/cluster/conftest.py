@@ -47,3 +47,16 @@ def deploy_app(app_name: str, settings: dict[str, Any]) -> Iterator[tuple[str, A
     finally:
         serve.delete(app_name)
         serve.shutdown()
+
+
+def kill_replica(app_name: str, pool: str, replica_id: str | None = None) -> None:
+    """Kill one replica actor of ``pool`` in ``app_name`` for good (no restart): the one whose
+    id ends like ``replica_id`` if given, else the pool's only replica."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{pool}#")]
+    if replica_id is not None:
+        names = [n for n in names if n.endswith("#" + replica_id.rsplit("#", 1)[-1])]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster.conftest import deploy_app
+from tests.cluster.conftest import deploy_app, kill_replica
 from tests.cluster.streaming import ChatStream, chat_body
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -46,18 +46,6 @@ def _reference(engine: Any, content: str, max_tokens: int) -> str:
     return engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0].text
 
 
-def _kill(pool: str, replica_id: str | None = None) -> None:
-    """Kill one replica actor of ``pool`` (the one whose id ends like ``replica_id``, if given)."""
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{pool}#")]
-    if replica_id is not None:
-        names = [n for n in names if n.endswith("#" + replica_id.rsplit("#", 1)[-1])]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-
-
 def test_decode_replica_killed_others_finish_and_survivor_leaks_no_blocks(server, reference_engine) -> None:
     from ray import serve
 
@@ -69,7 +57,7 @@ def test_decode_replica_killed_others_finish_and_survivor_leaks_no_blocks(server
     replicas = {s.replica for s in streams}
     assert len(replicas) == 2, f"streams must run on both decode replicas: {replicas}"
     victim = streams[0].replica
-    _kill("decode", victim)
+    kill_replica(APP, "decode", victim)
     killed_at = time.monotonic()
     for s in streams:
         s.join(90)
@@ -111,7 +99,7 @@ def test_prefill_replica_killed_mid_transfer_gives_right_answers_and_repairs(ser
     for t in threads:
         t.start()
     time.sleep(0.05)  # the prefill calls and transfers are under way
-    _kill("prefill")
+    kill_replica(APP, "prefill")
     killed_at = time.monotonic()
     for t in threads:
         t.join(120)

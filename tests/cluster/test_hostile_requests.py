@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.conftest import deploy_app
+from tests.cluster.conftest import deploy_app, kill_replica
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -246,15 +246,6 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, model_nam
 # --------------------------------------------------------------------------- stall: prefill outage (last)
 
 
-def _kill_replica(pool: str) -> None:
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{pool}#")]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-
-
 def test_a_dead_prefill_pool_costs_a_request_no_more_than_a_local_prefill(server, model_name, reference_engine) -> None:
     from engine import SamplingParams
 
@@ -268,7 +259,7 @@ def test_a_dead_prefill_pool_costs_a_request_no_more_than_a_local_prefill(server
 
     r, healthy_took, ref = long_chat(0)
     assert r.headers["x-kvferry-prefill-replica"] != "local"  # the pool serves long prompts
-    _kill_replica("prefill")
+    kill_replica(APP, "prefill")
     killed_at, local_took = time.monotonic(), []
     served_locally = 0
     deadline = time.monotonic() + 90
@@ -303,7 +294,7 @@ def test_a_killed_decode_replica_ends_its_streams_cleanly_and_is_replaced(server
             assert r.status_code == 200
             lines = r.iter_lines()
             events = [next(lines) for _ in range(4)]  # streaming has begun
-            _kill_replica("decode")
+            kill_replica(APP, "decode")
             t0 = time.monotonic()
             events += [line for line in lines if line.startswith("data: ")]
             ended_s = time.monotonic() - t0
