@@ -5,8 +5,8 @@ modules that ask for it.
 
 Two things are started once and reused, because each costs seconds on the 2-core CI box:
 - Serve itself (its controller and HTTP proxy): the first deploy starts it on a free port and
-  later deploys reuse it; apps are deleted, Serve stays up until ``release_serve`` (the deploy
-  tests' real ``kvferry serve`` needs Serve for itself) or the session's end.
+  later deploys reuse it; apps are deleted, Serve stays up until the last test of this folder
+  has run (``release_serve``: the tests after these find the cluster as these found it).
 - a kept app (``kept_app``): left deployed after a module ends, so the next module asking for
   the same app with the same settings gets it without a second deploy. Any other deploy
   retires it first, so it never outlives its users by more than the modules that don't use
@@ -16,6 +16,7 @@ Two things are started once and reused, because each costs seconds on the 2-core
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,13 @@ def colocated_server(ray_cluster: dict, tiny_model: Path) -> str:
         "engine": COLOCATED_ENGINE,
     }
     return kept_app(COLOCATED_APP, settings)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After this folder's last test (its fixtures are torn down by now), shut Serve down."""
+    if nextitem is None or Path(__file__).resolve().parent not in Path(nextitem.path).resolve().parents:
+        release_serve()
 
 
 def _serve_is_up() -> bool:
@@ -128,7 +136,7 @@ def deploy_app(app_name: str, settings: dict[str, Any]) -> Iterator[tuple[str, A
 
 def kept_app(app_name: str, settings: dict[str, Any]) -> str:
     """Like ``deploy_app``, but left running for the next module that asks for the same app
-    with the same settings; returns its URL. Retired by any other deploy or the session's end."""
+    with the same settings; returns its URL. Retired by any other deploy or by ``release_serve``."""
     if _kept.get("name") == app_name and _kept["settings"] == settings and _app_status(app_name) == "RUNNING":
         return _kept["url"]
     retire_kept_app()
@@ -151,7 +159,9 @@ def retire_kept_app() -> None:
 
 def release_serve() -> None:
     """Delete the kept app and shut Serve down, so that another process (``kvferry serve
-    --address``) can start Serve with its own HTTP port."""
+    --address``) can start Serve with its own HTTP port. Nothing to do without Ray."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return  # and no ray call here: one would start a local Ray of its own
     from ray import serve
 
     retire_kept_app()
