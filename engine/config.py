@@ -45,6 +45,10 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context limit (capped by the model's own); None = the model's.")
     default_ttl_s: float = Field(300.0, gt=0, description="Prompt-cache TTL of a block when the request asks for none, seconds.")
     max_ttl_s: float = Field(3600.0, gt=0, description="Longest prompt-cache TTL a request may ask for, seconds.")
+    max_pinned_fraction: float = Field(
+        0.5, ge=0, le=0.9, description="Most of the KV blocks explicit caches may pin at once (the rest stay "
+        "for running requests); a pin over the cap is refused.",
+    )
     local_prefill_threshold: int = Field(
         64,
         ge=0,

@@ -29,6 +29,7 @@ from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.models import resolve_dtype
 from engine.output_processor import make_error_output, make_output, stop_status
 from engine.outputs import EngineStats, RequestOutput
+from engine.pins import PinTable
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingFailure
 from engine.sampling_params import SamplingParams
@@ -71,6 +72,8 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks)
         self.kv = KVCacheManager(self.pool, config.block_size, model_id)
         self.scheduler = Scheduler(config, self.kv)
+        # Explicit caches: prompt prefixes held until their expiry (engine.pins).
+        self.pins = PinTable(self.pool, int(num_blocks * config.max_pinned_fraction))
         self.runner = ModelRunner(
             model,
             num_layers=model_config.num_layers,
@@ -181,8 +184,17 @@ class LLMEngine:
         self._requests[request_id] = req
         self.scheduler.add(req)
 
+    def pin_on_finish(self, request_id: str, pin_id: str, expires_at: float, num_tokens: int) -> None:
+        """When ``request_id`` finishes normally, pin the cached full blocks of its first
+        ``num_tokens`` prompt tokens under ``pin_id`` until ``expires_at`` (engine clock),
+        before its own references drop; read the outcome with ``pins.result(pin_id)``."""
+        if request_id not in self._requests:
+            raise ValueError(f"unknown request {request_id!r}")
+        self.pins.ask(request_id, pin_id, expires_at, num_tokens)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (or end its export lease); unknown ids are ignored."""
+        self.pins.forget(request_id)
         if self.kv_transfer.has_export(request_id):
             self.kv_transfer.release_export(request_id)
             return
@@ -229,6 +241,7 @@ class LLMEngine:
         """
         now = self.clock()
         self.kv_transfer.expire_leases(now)
+        self.pins.maintain(now)
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule(now)
         if sched.num_tokens == 0:
@@ -254,6 +267,7 @@ class LLMEngine:
                 # A prefill replica's job ends with the first token: lease the blocks out.
                 self.kv_transfer.start_export(req, status or RequestStatus.FINISHED_LENGTH, now)
             elif status is not None:
+                self.pins.on_finish(req, self.kv, now)  # before its references drop
                 self.scheduler.finish(req, status, now)
             out = make_output(req, self.kv_transfer.export_of(req.request_id))
         except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
@@ -288,6 +302,7 @@ class LLMEngine:
     def _fail_request(self, req: Request, message: str, now: float) -> RequestOutput:
         """Finish ``req`` with ``FINISHED_ERROR`` (freeing or un-leasing its blocks)."""
         req.error = message
+        self.pins.forget(req.request_id)
         if self.kv_transfer.has_export(req.request_id):
             self.kv_transfer.release_export(req.request_id)
         elif not req.status.finished:
@@ -332,6 +347,10 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_expired_blocks=self.pool.num_expired,
             num_evicted_blocks=self.pool.num_evicted,
+            num_pins=self.pins.num_pins,
+            num_pinned_blocks=self.pins.num_pinned_blocks,
+            num_pinned_tokens=self.pins.num_pinned_tokens,
+            num_expired_pins=self.pins.num_expired,
         )
 
 

@@ -85,3 +85,9 @@ class EngineStats:
     # Cumulative cached blocks dropped at their TTL / evicted for room before it.
     num_expired_blocks: int = 0
     num_evicted_blocks: int = 0
+    # Explicit caches (engine.pins): pins held, the blocks and prompt tokens they hold
+    # (blocks count as used in kv_usage), and pins ended at their expiry (cumulative).
+    num_pins: int = 0
+    num_pinned_blocks: int = 0
+    num_pinned_tokens: int = 0
+    num_expired_pins: int = 0
