@@ -21,8 +21,9 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cluster.tenancy import api_key_from_headers
-from cluster.wire import INVALID_API_KEY, error_body
+from cluster.error_shapes import error_body_for
+from cluster.tenancy import GOOGLE_PATH_PREFIX, api_key_from_headers, google_api_key
+from cluster.wire import INVALID_API_KEY, ApiError
 
 # Paths anyone may call: liveness for load balancers, and the API's own description.
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -81,7 +82,8 @@ def load_api_keys(keys_file: str | None, keys_env: str | None, environ: Mapping[
 
 class ApiKeyAuth:
     """ASGI middleware: refuse requests without a valid key (``Authorization: Bearer`` or
-    ``x-api-key``) before anything reads their body."""
+    ``x-api-key``; on Gemini's ``/v1beta/`` routes also ``x-goog-api-key`` or ``?key=``)
+    before anything reads their body."""
 
     def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys]) -> None:
         self.app = app
@@ -94,13 +96,17 @@ class ApiKeyAuth:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         key = api_key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+        path = scope.get("path", "")
+        if key is None and path.startswith(GOOGLE_PATH_PREFIX):
+            key = google_api_key(headers.get("x-goog-api-key"), scope.get("query_string", b""))
         if keys.allows(key):
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["error_code"] = INVALID_API_KEY
         message = ("Missing API key: send it as 'Authorization: Bearer KEY'." if key is None
                    else "Incorrect API key provided.")
-        body = json.dumps(error_body(message, "invalid_request_error", code=INVALID_API_KEY)).encode()
+        err = ApiError(401, message, code=INVALID_API_KEY, type="invalid_request_error")
+        body = json.dumps(error_body_for(path, err)).encode()
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b'Bearer realm="kvferry"')]})

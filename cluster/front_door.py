@@ -33,6 +33,7 @@ from cluster.wire import (
     ApiError,
     GenerateRequest,
     ModelInfo,
+    PinAsk,
     StreamChunk,
 )
 from engine import CacheBreakpoint, ContextLengthExceeded, SamplingParams
@@ -154,10 +155,12 @@ class FrontDoor:
             raise ApiError(400, str(e), param=req.prompt_param if e.field == "prompt" else e.field) from e
         except ValueError as e:
             raise ApiError(400, str(e)) from e
-        gen_request = GenerateRequest(req.request_id, tuple(ids), params, req.prompt_param)
+        pin = None if req.pin is None else PinAsk(req.pin.cache_id, req.pin.expires_at, req.pin.num_tokens or len(ids))
+        gen_request = GenerateRequest(req.request_id, tuple(ids), params, req.prompt_param, pin=pin)
         hints = None
         if self.cfg.routing.request_router == "kvferry":  # the routers need the prompt's block hashes
-            hints = routing_hints(ids, info.block_size, info.model_id, params.cache_salt)
+            hints = routing_hints(ids, info.block_size, info.model_id, params.cache_salt,
+                                  cache_key=req.prompt_cache_key, prefer_replica=req.prefer_replica)
         return gen_request, hints, breakpoints
 
     async def open(self, req: InferenceRequest) -> Generation:
@@ -192,6 +195,8 @@ class FrontDoor:
         try:
             if messages is not None and marks:
                 return await asyncio.to_thread(tok.encode_chat_with_marks, messages, marks)
+            if messages is not None and not req.add_generation_prompt:
+                return await asyncio.to_thread(tok.encode_chat, messages, False), []
             prompt = list(req.prompt) if isinstance(req.prompt, tuple) else req.prompt
             ids = await asyncio.to_thread(tok.encode_prompt, prompt, messages)
             return ids, []

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.wire import REQUEST_TOO_LARGE, error_body
+from cluster.error_shapes import error_body_for
+from cluster.wire import REQUEST_TOO_LARGE, ApiError
 
 
 def _too_large_message(limit: int) -> str:
@@ -40,7 +41,7 @@ class BodySizeLimit:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             scope.setdefault("state", {})["error_code"] = REQUEST_TOO_LARGE
-            await _send_413(send, limit)
+            await _send_413(send, limit, scope.get("path"))
             return
         seen = 0
 
@@ -68,8 +69,9 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(error_body(_too_large_message(limit), "invalid_request_error", code=REQUEST_TOO_LARGE)).encode()
+async def _send_413(send: Send, limit: int, path: str | None) -> None:
+    err = ApiError(413, _too_large_message(limit), code=REQUEST_TOO_LARGE)
+    body = json.dumps(error_body_for(path, err)).encode()
     await send({
         "type": "http.response.start",
         "status": 413,

@@ -29,6 +29,16 @@ class CacheMark:
 
 
 @dataclass(frozen=True)
+class CachePin:
+    """An explicit cache: pin the prompt's first ``num_tokens`` (None: all) under ``cache_id``
+    on the replica that serves it, until ``expires_at`` (wall clock; ``engine.pins``)."""
+
+    cache_id: str
+    expires_at: float
+    num_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class InferenceRequest:
     """What every surface asks of the model, in one surface-neutral shape."""
 
@@ -58,3 +68,8 @@ class InferenceRequest:
     api_key: str | None = None
     # Which API the request came in through (metrics label): openai, anthropic, gemini, grpc.
     surface: str = "openai"
+    # False: render the chat without the assistant's opening (an explicit cache's contents).
+    add_generation_prompt: bool = True
+    # Explicit caches: pin the prompt's prefix; prefer the replica that already pins it.
+    pin: CachePin | None = None
+    prefer_replica: str | None = None

@@ -16,13 +16,28 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
+from cluster.error_shapes import register_error_shape
+from cluster.explicit_cache_api import ExplicitCaches
+from cluster.explicit_caches import ExplicitCache
 from cluster.front_door import FrontDoor, Generation
+from cluster.gemini_api import GeminiApi
+from cluster.gemini_protocol import (
+    GOOGLE_ERROR_RESPONSES,
+    CachedContent,
+    CreateCachedContent,
+    GenerateContentRequest,
+    GenerateContentResponse,
+    GoogleErrorResponse,
+    ListCachedContents,
+    UpdateCachedContent,
+    google_error_body,
+)
 from cluster.http_body import JsonBodyRoute
 from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
@@ -44,7 +59,7 @@ from cluster.protocol import (
     stream_event,
     usage_event,
 )
-from cluster.tenancy import api_key_from_headers
+from cluster.tenancy import api_key_from_headers, google_api_key
 from cluster.wire import ApiError, StreamChunk
 
 logger = logging.getLogger(__name__)
@@ -53,7 +68,7 @@ api = FastAPI(title="kvferry", description="OpenAI-compatible LLM serving with d
 # Bodies are parsed by kvferry (clear 400s for bad UTF-8, deep nesting, non-JSON types).
 api.router.route_class = JsonBodyRoute
 install_error_handlers(api)
-document_api(api, event_models=(ChatCompletionChunk, CompletionResponse))
+document_api(api, event_models=(ChatCompletionChunk, CompletionResponse, GenerateContentResponse, GoogleErrorResponse))
 # The limit is the replica's config (set in Ingress.__init__, before any request arrives).
 api.state.max_request_bytes = 4 << 20
 api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
@@ -67,6 +82,10 @@ api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
 _CHAT_RESPONSES = {**ERROR_RESPONSES, **sse_response(ChatCompletionChunk)}
 _COMPLETION_RESPONSES = {**ERROR_RESPONSES, **sse_response(CompletionResponse)}
 _INTERRUPTED = f"data: {json.dumps(ApiError(500, 'stream interrupted').body())}\n\n"
+# Gemini's routes answer errors in Google's shape.
+register_error_shape("/v1beta/", google_error_body)
+_GOOGLE = GOOGLE_ERROR_RESPONSES
+_GOOGLE_STREAM = {**GOOGLE_ERROR_RESPONSES, **sse_response(GenerateContentResponse, GoogleErrorResponse, done=False)}
 
 
 @api.middleware("http")
@@ -83,6 +102,11 @@ def _usage(last: StreamChunk) -> Usage:
 
 def _api_key(request: Request) -> str | None:
     return api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
+def _google_key(request: Request) -> str | None:
+    """Gemini clients: ``x-goog-api-key`` or ``?key=`` (a bearer token works too)."""
+    return _api_key(request) or google_api_key(request.headers.get("x-goog-api-key"), request.url.query)
 
 
 @serve.deployment
@@ -104,6 +128,8 @@ class Ingress:
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
         self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
+        self.caches = ExplicitCaches(self.door)
+        self.gemini = GeminiApi(self.door, self.caches)
 
     # ------------------------------------------------------------------ routes
 
@@ -119,19 +145,59 @@ class Ingress:
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_RESPONSES)
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request), self.door.front_engine.default_ttl_s)
-        return await self._serve(body, req, request, chat=True)
+        entry = None
+        if body.cached_content:  # extension: an explicit cache's contents prefix the messages
+            entry = await self.caches.resolve(body.cached_content, req.api_key, req.model, "cached_content")
+            req = self.caches.apply(entry, req)
+        return await self._serve(body, req, request, chat=True, entry=entry)
 
     @api.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request))
         return await self._serve(body, req, request, chat=False)
 
+    # ------------------------------------------------------------------ Gemini (/v1beta): explicit caches
+
+    @api.post("/v1beta/cachedContents", response_model=CachedContent, responses=_GOOGLE)
+    async def create_cached_content(self, body: CreateCachedContent, request: Request) -> Any:
+        return await self.caches.create(body, _google_key(request), request.state.request_id)
+
+    @api.get("/v1beta/cachedContents", response_model=ListCachedContents, responses=_GOOGLE)
+    async def list_cached_contents(self, request: Request, pageSize: int = Query(50, ge=1, le=1000),  # noqa: N803
+                                   pageToken: str = "") -> Any:  # noqa: N803 - Google's query names
+        return await self.caches.list(_google_key(request), pageSize, pageToken)
+
+    @api.get("/v1beta/cachedContents/{cache_id}", response_model=CachedContent, responses=_GOOGLE)
+    async def get_cached_content(self, cache_id: str, request: Request) -> Any:
+        return await self.caches.get(cache_id, _google_key(request))
+
+    @api.patch("/v1beta/cachedContents/{cache_id}", response_model=CachedContent, responses=_GOOGLE)
+    async def update_cached_content(self, cache_id: str, body: UpdateCachedContent, request: Request,
+                                    updateMask: str | None = None) -> Any:  # noqa: N803
+        return await self.caches.update(cache_id, body, updateMask, _google_key(request))
+
+    @api.delete("/v1beta/cachedContents/{cache_id}", responses=_GOOGLE)
+    async def delete_cached_content(self, cache_id: str, request: Request) -> dict[str, Any]:
+        await self.caches.delete(cache_id, _google_key(request))
+        return {}
+
+    @api.post("/v1beta/models/{model}:generateContent", response_model=GenerateContentResponse, responses=_GOOGLE)
+    async def generate_content(self, model: str, body: GenerateContentRequest, request: Request) -> Any:
+        return await self.gemini.generate(model, body, request.state.request_id, _google_key(request), stream=False)
+
+    @api.post("/v1beta/models/{model}:streamGenerateContent", responses=_GOOGLE_STREAM)
+    async def stream_generate_content(self, model: str, body: GenerateContentRequest, request: Request) -> Any:
+        return await self.gemini.generate(model, body, request.state.request_id, _google_key(request), stream=True)
+
     # ------------------------------------------------------------------ typed stream -> OpenAI
 
     async def _serve(
-        self, body: ChatCompletionRequest | CompletionRequest, req: InferenceRequest, request: Request, chat: bool
+        self, body: ChatCompletionRequest | CompletionRequest, req: InferenceRequest, request: Request, chat: bool,
+        entry: ExplicitCache | None = None,
     ) -> Any:
         gen = await self.door.open(req)
+        if entry is not None:
+            await self.caches.served(entry, gen)
         rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

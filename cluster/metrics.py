@@ -58,6 +58,10 @@ REPLICA_CATALOG: tuple[MetricSpec, ...] = (
                "Cached KV blocks dropped, by tier and reason (ttl: expired; capacity: evicted for room).",
                ("tier", "reason")),
     MetricSpec("kvferry_queued_prefill_tokens", "gauge", "Prompt tokens admitted or queued, not yet computed."),
+    MetricSpec("kvferry_explicit_caches", "gauge", "Explicit caches (Gemini cachedContents) pinned on the replica."),
+    MetricSpec("kvferry_explicit_cache_pinned_tokens", "gauge",
+               "Prompt tokens the replica's explicit caches pin (never evicted before their expiry)."),
+    MetricSpec("kvferry_explicit_cache_expirations_total", "counter", "Explicit caches that reached their fixed expiry."),
 )
 
 # The ingress deployment's own: one count per HTTP answer, by status and kvferry error code
@@ -135,6 +139,9 @@ class ReplicaMetrics:
         for state, n in (("used", stats.num_total_blocks - stats.num_free_blocks), ("cached", stats.num_cached_blocks),
                          ("free", free)):
             g["kvferry_kv_blocks"].set(n, tags={"tier": "device", "state": state})
+        g["kvferry_explicit_caches"].set(stats.num_pins)
+        g["kvferry_explicit_cache_pinned_tokens"].set(stats.num_pinned_tokens)
+        self._cumulative("kvferry_explicit_cache_expirations_total", stats.num_expired_pins)
         self._cumulative("kvferry_prefix_cache_queries_total", stats.prefix_cache_queries)
         self._cumulative("kvferry_prefix_cache_hits_total", stats.prefix_cache_hits)
         self._cumulative("kvferry_kv_block_evictions_total", stats.num_expired_blocks, tier="device", reason="ttl")

@@ -152,6 +152,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # kvferry extension: an explicit cache ("cachedContents/{id}") whose contents prefix the messages.
+    cached_content: str | None = Field(None, max_length=256, description='An explicit cache, "cachedContents/{id}".')
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

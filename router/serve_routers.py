@@ -18,7 +18,9 @@ Per request (``choose_replicas``):
    stale; what we sent since is certain), and Serve's queue-length cache for fullness.
 3. ``await`` the directory's lookup with a short timeout (never ``ray.get`` on the loop);
    merge this router's speculative entries.
-4. Call the pure policy and return one rank per replica, best first. If the directory is
+4. Call the pure policy, then put preferred replicas first (``router.key_affinity``: the
+   replica of the request's ``prompt_cache_key``, load permitting; the replica pinning its
+   explicit cache), and return one rank per replica, best first. If the directory is
    unreachable or slow, fall back to power-of-two choices (built on Serve's public
    ``LocalityMixin``, no private class).
 
@@ -49,6 +51,7 @@ from ray.serve.request_router import (
 from router.directory import PrefixMatch
 from router.directory_actor import get_or_create_directory
 from router.hints import RoutingHints, find_hints
+from router.key_affinity import KeyAffinity, prefer
 from router.metrics import RoutingMetrics
 from router.policy import (
     DEFAULT_TIER_CREDITS,
@@ -87,6 +90,8 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._directory = directory if directory is not None else get_or_create_directory(pool, namespace)
         self._lookup_timeout_s = lookup_timeout_s
         self._spec = SpeculativeRoutes(ttl_s=speculative_ttl_s)
+        # prompt_cache_key (hashed) -> the replica its last request went to.
+        self._keys = KeyAffinity()
         # internal_request_id -> (replica full id, tokens) for requests sent, not completed.
         self._inflight: dict[str, tuple[str, int]] = {}
         # internal_request_id -> {replica: uncached tokens} estimated while ranking, so the
@@ -121,6 +126,13 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
         raise NotImplementedError
 
+    def _prefer(self, hints: RoutingHints, ranked: list[str], loads: list[ReplicaLoad]) -> list[str]:
+        """The key's replica first, load permitting; a pinned cache's replica first, always."""
+        if hints.cache_key is not None:
+            slack = getattr(self._config, "imbalance_load", 0.5)
+            ranked = prefer(ranked, self._keys.get(hints.cache_key, time.time()), loads, slack)
+        return prefer(ranked, hints.prefer_replica, loads, 0.0, force=True)
+
     def _power_of_two(
         self, candidates: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[list[RunningReplica]]:
@@ -144,7 +156,8 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             return self._power_of_two(candidate_replicas, pending_request)
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size)
-        ranked = self._rank(info, [self._load(r) for r in candidate_replicas], matches)
+        loads = [self._load(r) for r in candidate_replicas]
+        ranked = self._prefer(hints, self._rank(info, loads, matches), loads)
         if len(self._estimates) > 10_000:  # requests cancelled before routing never pop theirs
             self._estimates.clear()
         self._estimates[pending_request.metadata.internal_request_id] = {
@@ -167,6 +180,8 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             return
         rid = replica_id.to_full_id_str()
         self._spec.record(hints.block_hashes, rid, time.time())
+        if hints.cache_key is not None:
+            self._keys.record(hints.cache_key, rid, time.time())
         req_id = pending_request.metadata.internal_request_id
         est = self._estimates.pop(req_id, None)
         # No estimate: the directory did not answer and Serve's power of two chose.
@@ -192,6 +207,7 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         rid = replica_id.to_full_id_str()
         self._spec.drop_replica(rid)
+        self._keys.drop_replica(rid)
         self._inflight_tokens.pop(rid, None)
         try:
             self._directory.drop_replica.remote(rid)

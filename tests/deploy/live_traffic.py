@@ -1,5 +1,6 @@
 """Traffic that makes every kvferry metric move: cold and cached prompts, a stream, an API
-error, one injected KV-transfer failure, TTL expiries and capacity evictions.
+error, one injected KV-transfer failure, an explicit cache that expires, TTL expiries and
+capacity evictions.
 
 Used by the live-Prometheus test. Sent only to 127.0.0.1, bounded in count.
 """
@@ -52,7 +53,18 @@ def traffic(url: str, model: str, inject_failure: Any, rounds: int = 1) -> dict[
                          json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
         assert bad.status_code == 404, bad.text
         sent["api_errors"] += 1
+        explicit_cache(url, model, system_prompt(7000 + r), ttl="2s")
+        sent["explicit_caches"] = sent.get("explicit_caches", 0) + 1
     return sent
+
+
+def explicit_cache(url: str, model: str, system: str, ttl: str) -> dict[str, Any]:
+    """A Gemini-style explicit cache of ``system`` (pinned on a decode replica until ``ttl``)."""
+    body = {"model": f"models/{model}", "systemInstruction": {"parts": [{"text": system}]},
+            "contents": [{"role": "user", "parts": [{"text": "Remember this."}]}], "ttl": ttl}
+    r = httpx.post(url + "/v1beta/cachedContents", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def let_blocks_expire(url: str, model: str, ttl_s: float) -> None:

@@ -2,7 +2,8 @@
 
 Top: the engines' prefix caches (hit rate and cached tokens per pool). Middle: the KV
 blocks behind them by tier and state, and what drops them (TTL expiry against eviction for
-room: many capacity evictions mean the TTLs outlive the memory). Bottom: the routers' view,
+room: many capacity evictions mean the TTLs outlive the memory), and the explicit caches
+pinned until their fixed expiry. Bottom: the routers' view,
 the directory that tells them where prefixes live and the reasons behind their decisions.
 """
 
@@ -44,6 +45,21 @@ def _blocks() -> tuple[Panel, ...]:
     )
 
 
+def _explicit() -> tuple[Panel, ...]:
+    caches, tokens = "kvferry_explicit_caches", "kvferry_explicit_cache_pinned_tokens"
+    expiries = "kvferry_explicit_cache_expirations_total"
+    return (
+        Panel("Explicit caches and their pinned tokens",
+              f"{describe(caches)} {describe(tokens)} Summed over the pool's replicas; pinned blocks also "
+              "count as used KV.", "short",
+              (Target(gauge("sum", caches, serve_sel(), POOL), "{{deployment}} caches"),
+               Target(gauge("sum", tokens, serve_sel(), POOL), "{{deployment}} pinned tokens"))),
+        Panel("Explicit-cache expiries/s", describe(expiries) + " (fixed TTLs: a hit never extends one).",
+              "suffix: caches/s",
+              (Target(rate_sum(expiries, serve_sel(), POOL), "{{deployment}}", requires="explicit_cache_expiry"),)),
+    )
+
+
 def _routing() -> tuple[Panel, ...]:
     by_pool = ROUTER_POOL_LABEL
     decisions = rate_sum(_DECISIONS, router_sel(), by_pool)
@@ -75,6 +91,7 @@ BOARD = Board(
     rows=(
         Row("Prefix cache", _hits()),
         Row("KV blocks", _blocks()),
+        Row("Explicit caches", _explicit()),
         Row("Directory and routing", _routing()),
     ),
 )
