@@ -15,7 +15,8 @@ Anonymous requests are not exercised here (the keys are required); ``cluster.ten
 gives them their own salt, ``"anonymous"``, which no key's ``"tenant-<hash>"`` salt can equal
 (``tests/cluster/test_tenancy.py``).
 
-Explicit caches (``/v1/cached_contents``) do not exist yet; when they do, they belong here.
+Explicit caches (``/v1beta/cachedContents``) are private to the key that made them; that is
+tested with the Gemini surface, in ``tests/cluster/test_explicit_caches.py``.
 """
 
 from __future__ import annotations
