@@ -138,7 +138,8 @@ class ServedModelConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    """Who may hit whose prompt cache (the TTLs are engine settings: `engine.default_ttl_s`...)."""
+    """Who may hit whose prompt cache (the TTLs are engine settings: `engine.default_ttl_s`...),
+    and the explicit caches (Gemini `cachedContents`) each API key may pin."""
 
     tenant_isolation: Literal["api_key", "none"] = Field(
         "api_key",
