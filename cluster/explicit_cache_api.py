@@ -122,6 +122,9 @@ class ExplicitCaches:
         try:
             gen = await self.door.open(req)
             _, last = await gen.collect()
+            if last.pinned_tokens == 0 and self.clock() >= expires_at:
+                raise ApiError(400, f"the cache expired while it was being created ({self.clock() - now:.1f}s): "
+                               "give it a longer ttl", param="ttl")
             if last.pinned_tokens == 0:
                 raise ApiError(429, f"the server cannot pin this cache now: {last.pin_refusal}", code=RESOURCE_EXHAUSTED)
         except BaseException:
