@@ -6,7 +6,8 @@ and hands it to the :class:`cluster.front_door.FrontDoor`, which checks the mode
 resolves the tenant, tokenizes, routes and waits for the first chunk (so refusals still
 get a status code, and the headers can name the replicas that served the request). The
 route renders the replica's :class:`StreamChunk` values in its surface's shape: OpenAI
-JSON or SSE here.
+JSON or SSE here. The same deployment serves gRPC: Serve's gRPC proxy calls the methods
+named after kvferry.v1.Inference's RPCs, one-line delegates to ``cluster.grpc.adapter``.
 """
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
@@ -23,6 +24,7 @@ from ray import serve
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
 from cluster.front_door import FrontDoor, Generation
+from cluster.grpc.adapter import GrpcSurface
 from cluster.http_body import JsonBodyRoute
 from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
@@ -104,6 +106,7 @@ class Ingress:
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
         self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
+        self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys)
 
     # ------------------------------------------------------------------ routes
 
@@ -125,6 +128,26 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request))
         return await self._serve(body, req, request, chat=False)
+
+    # ------------------------------------------------------------------ gRPC (kvferry.v1.Inference)
+    # Serve's gRPC proxy calls the method named like the RPC; cluster/grpc/adapter.py does the work.
+
+    async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the RPC's name
+        return await self.grpc.list_models(request, grpc_context)
+
+    async def Chat(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=True)
+
+    async def Complete(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=False)
+
+    async def ChatStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async for message in self.grpc.stream(request, grpc_context, chat=True):
+            yield message
+
+    async def CompleteStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async for message in self.grpc.stream(request, grpc_context, chat=False):
+            yield message
 
     # ------------------------------------------------------------------ typed stream -> OpenAI
 
