@@ -106,7 +106,7 @@ class Ingress:
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
         self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
-        self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys)
+        self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys, lambda: api.state.record_answer)
 
     # ------------------------------------------------------------------ routes
 

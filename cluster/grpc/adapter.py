@@ -11,7 +11,9 @@ context carries), since a generator has no other way to end with a status.
 
 A client deadline or cancellation reaches the method as ``asyncio.CancelledError`` (Serve
 cancels the call when the client's RPC ends); every path then cancels the generation, so
-the engine aborts the request and frees its blocks.
+the engine aborts the request and frees its blocks. Every answer is counted in
+``kvferry_api_requests_total`` like HTTP's, with the RPC's path as ``route`` and REST's
+status (499 for a call the client gave up on).
 """
 
 from __future__ import annotations
@@ -32,82 +34,83 @@ from cluster.wire import INTERNAL_ERROR, INVALID_API_KEY, ApiError
 
 logger = logging.getLogger(__name__)
 
+# (route, status, code) -> None, as cluster.http_metrics counts HTTP answers.
+Recorder = Callable[[str, str, str], None]
+CLIENT_GONE = 499  # nginx's "client closed request": a deadline or a cancel
+
 
 class StatusSet(Exception):
     """A stream ended with the status code already set on its context."""
 
 
-def _metadata(context: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
-def _set_status(context: Any, err: ApiError) -> None:
-    context.set_code(translate.status_code(err))
-    context.set_details(err.message)
-
-
 class GrpcSurface:
     """kvferry.v1.Inference for one ingress replica."""
 
-    def __init__(self, door: FrontDoor, keys: Callable[[], ApiKeys]) -> None:
+    def __init__(self, door: FrontDoor, keys: Callable[[], ApiKeys],
+                 recorder: Callable[[], Recorder | None] = lambda: None) -> None:
         self.door = door
         self._keys = keys  # () -> ApiKeys: the same keys the HTTP middleware checks
-
-    # ------------------------------------------------------------------ unary
+        self._recorder = recorder
 
     async def list_models(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         try:
             self._api_key(_metadata(context))
             info = await self.door.model_info()
         except ApiError as e:
+            self._answered("ListModels", e)
             _set_status(context, e)
             return pb.ListModelsResponse()
+        self._answered("ListModels", None)
         model = pb.Model(id=self.door.model_name, owned_by="kvferry", max_model_len=info.max_model_len)
         return pb.ListModelsResponse(models=[model])
 
     async def unary(self, request: Any, context: Any, chat: bool) -> pb.ChatResponse | pb.CompletionResponse:
         """``Chat`` or ``Complete``: the whole answer in one message."""
-        rid = _request_id(context)
+        rid, rpc, outcome = _request_id(context), "Chat" if chat else "Complete", _gone()
         try:
             gen = await self._open(request, context, chat, rid)
             text, last = await gen.collect()  # cancels the generation if this call is cancelled
+            outcome = None
             return translate.full_response(chat, _response_id(chat, rid), self.door.model_name, text, last)
         except ApiError as e:
-            _set_status(context, e)
+            outcome = e
         except Exception:  # noqa: BLE001 - a client gets a status, never a trace
             logger.exception("gRPC request %s failed", rid)
-            _set_status(context, ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR))
+            outcome = _internal(rid)
+        finally:
+            self._answered(rpc, outcome)
+        _set_status(context, outcome)
         return pb.ChatResponse() if chat else pb.CompletionResponse()
-
-    # ------------------------------------------------------------------ streams
 
     async def stream(self, request: Any, context: Any, chat: bool) -> AsyncIterator[pb.ChatChunk | pb.CompletionChunk]:
         """``ChatStream`` or ``CompleteStream``: one message per chunk, usage on the last."""
-        rid = _request_id(context)
+        rid, rpc, outcome = _request_id(context), "ChatStream" if chat else "CompleteStream", _gone()
         gen: Generation | None = None
         try:
             gen = await self._open(request, context, chat, rid)
             async for item in gen.chunks():
                 yield translate.chunk(chat, _response_id(chat, rid), self.door.model_name, item)
+            outcome = None
         except ApiError as e:
-            _set_status(context, e)
-            raise StatusSet(e.message) from None
-        except Exception as e:  # noqa: BLE001 - a client gets a status, never a trace
+            outcome = e
+        except Exception:  # noqa: BLE001 - a client gets a status, never a trace
             logger.exception("gRPC stream %s failed", rid)
-            _set_status(context, ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR))
-            raise StatusSet(f"internal error (request {rid})") from e
+            outcome = _internal(rid)
         finally:
             if gen is not None:  # finished, failed, or the client went away: free the blocks
                 gen.cancel()
+            self._answered(rpc, outcome)
+        if outcome is not None:
+            _set_status(context, outcome)
+            raise StatusSet(outcome.message)
 
     # ------------------------------------------------------------------ shared
 
     async def _open(self, request: Any, context: Any, chat: bool, rid: str) -> Generation:
-        metadata = _metadata(context)
-        req = self._inference(request, chat, rid, self._api_key(metadata))
+        req = self._inference(request, chat, rid, self._api_key(_metadata(context)))
         gen = await self.door.open(req)
         # Which replicas served it, as trailing metadata (HTTP sends the same as headers).
-        context.set_trailing_metadata(tuple(gen.headers().items()))
+        context.set_trailing_metadata(list(gen.headers().items()))  # Serve appends its request_id
         return gen
 
     def _inference(self, request: Any, chat: bool, rid: str, api_key: str | None) -> InferenceRequest:
@@ -127,11 +130,45 @@ class GrpcSurface:
             raise ApiError(401, message, code=INVALID_API_KEY)
         return key
 
+    def _answered(self, rpc: str, outcome: ApiError | None) -> None:
+        """Count one answer: REST's status and error code (``ok`` for a success)."""
+        record = self._recorder()
+        if record is None:
+            return
+        status, code = (200, "ok") if outcome is None else (outcome.status_code, outcome.code or outcome.type)
+        try:
+            record(f"/{pb.DESCRIPTOR.services_by_name['Inference'].full_name}/{rpc}", str(status), code)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            pass
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _set_status(context: Any, err: ApiError) -> None:
+    context.set_code(translate.status_code(err))
+    context.set_details(err.message)
+
+
+def _request_id(context: Any) -> str:
+    """Serve's id of this call (its proxy puts it in the trailing metadata it sends back, and
+    takes the client's ``request_id`` metadata if there is one), else a fresh id."""
+    for key, value in context.trailing_metadata() or ():
+        if key == "request_id" and value:
+            return str(value)
+    return new_request_id()
+
 
 def _response_id(chat: bool, rid: str) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + rid
 
 
-def _request_id(context: Any) -> str:
-    """Serve's ``request_id`` metadata if the client sent one, else a fresh id."""
-    return _metadata(context).get("request_id") or new_request_id()
+def _gone() -> ApiError:
+    """The outcome of a call until it ends otherwise: the client left (deadline or cancel)."""
+    return ApiError(CLIENT_GONE, "the client cancelled the call or its deadline passed", code="client_cancelled")
+
+
+def _internal(rid: str) -> ApiError:
+    return ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR)
+
