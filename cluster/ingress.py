@@ -15,6 +15,7 @@ named after kvferry.v1.Inference's RPCs, one-line delegates to ``cluster.grpc.ad
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -142,12 +143,14 @@ class Ingress:
         return await self.grpc.unary(request, grpc_context, chat=False)
 
     async def ChatStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        async for message in self.grpc.stream(request, grpc_context, chat=True):
-            yield message
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=True)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
 
     async def CompleteStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        async for message in self.grpc.stream(request, grpc_context, chat=False):
-            yield message
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=False)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
 
     # ------------------------------------------------------------------ typed stream -> OpenAI
 
