@@ -148,6 +148,15 @@ class CacheConfig(_Strict):
             "anonymous tenant. none: every request shares one cache."
         ),
     )
+    min_cacheable_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Shortest prefix a cache breakpoint (Anthropic cache_control) may cache, in tokens: a "
+            "breakpoint before it gets no TTL of its own and reports no cache write. 0: any "
+            "breakpoint that covers at least one full KV block."
+        ),
+    )
 
 
 class TransportConfig(_Strict):

@@ -28,7 +28,7 @@ from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
 from cluster.http_metrics import ApiMetrics, set_error_code
 from cluster.inference import InferenceRequest
-from cluster.metrics import ingress_answer_recorder
+from cluster.metrics import cache_usage_recorder, ingress_answer_recorder
 from cluster.openapi_doc import document_api, sse_response
 from cluster.protocol import (
     ChatCompletionChunk,
@@ -103,7 +103,7 @@ class Ingress:
         model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
-        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
+        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer, record_cache=cache_usage_recorder())
 
     # ------------------------------------------------------------------ routes
 
