@@ -6,7 +6,7 @@ and hands it to the :class:`cluster.front_door.FrontDoor`, which checks the mode
 resolves the tenant, tokenizes, routes and waits for the first chunk (so refusals still
 get a status code, and the headers can name the replicas that served the request). The
 route renders the replica's :class:`StreamChunk` values in its surface's shape: OpenAI
-JSON or SSE here.
+JSON or SSE here, Anthropic's through ``cluster.anthropic_surface``.
 """
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
@@ -20,6 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from cluster.anthropic_protocol import CountTokensRequest, MessagesRequest
+from cluster.anthropic_responses import CountTokensResponse, MessageResponse
+from cluster.anthropic_surface import ERROR_RESPONSES as ANTHROPIC_ERRORS
+from cluster.anthropic_surface import MESSAGES_RESPONSES, AnthropicMessages
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
 from cluster.front_door import FrontDoor, Generation
@@ -104,6 +108,7 @@ class Ingress:
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
         self.door = FrontDoor(self.cfg, decode, model_name, tokenizer, record_cache=cache_usage_recorder())
+        self.anthropic = AnthropicMessages(self.door)
 
     # ------------------------------------------------------------------ routes
 
@@ -125,6 +130,16 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request))
         return await self._serve(body, req, request, chat=False)
+
+    # ------------------------------------------------------------------ Anthropic Messages
+
+    @api.post("/v1/messages", response_model=MessageResponse, responses=MESSAGES_RESPONSES)
+    async def messages(self, body: MessagesRequest, request: Request) -> Any:
+        return await self.anthropic.create(body, request)
+
+    @api.post("/v1/messages/count_tokens", response_model=CountTokensResponse, responses=ANTHROPIC_ERRORS)
+    async def count_tokens(self, body: CountTokensRequest, request: Request) -> Any:
+        return await self.anthropic.count_tokens(body, request)
 
     # ------------------------------------------------------------------ typed stream -> OpenAI
 
