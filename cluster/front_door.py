@@ -7,7 +7,9 @@ Everything else happens once, here: the model-name check, tenancy (the API key b
 the cache salt), tokenizing with the model's chat template in a worker thread (cache
 breakpoints become token counts), sampling defaults and the engine's own request checks,
 routing hints, the call to the decode pool, and the wait for the first chunk (so a
-refusal still gets a status code before any header is sent).
+refusal still gets a status code before any header is sent). A breakpoint shorter than
+``cache.min_cacheable_tokens`` is dropped here. When a request finishes, its prompt-cache
+reads and writes are counted once, per surface and TTL class (``cluster.cache_usage``).
 """
 
 from __future__ import annotations
