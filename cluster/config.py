@@ -189,6 +189,15 @@ class HttpConfig(_Strict):
     )
 
 
+class GrpcConfig(_Strict):
+    """The gRPC front (Serve's gRPC proxy, next to HTTP): ``kvferry.v1.Inference``, docs/grpc.md."""
+
+    port: int = Field(
+        9000, ge=0, le=65535,
+        description="Port of Serve's gRPC proxy (service kvferry.v1.Inference, reflection on); 0 turns gRPC off.",
+    )
+
+
 class FailoverConfig(_Strict):
     """How decode replicas notice that the prefill pool is down (and prefill locally meanwhile)."""
 
@@ -277,6 +286,7 @@ class ServeConfig(_Strict):
     )
     transport: TransportConfig = Field(default_factory=TransportConfig, description="KV transport.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP front and timeouts.")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC front (0 turns it off).")
     failover: FailoverConfig = Field(
         default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
     )

@@ -187,6 +187,9 @@ class FrontDoor:
         except asyncio.TimeoutError as e:
             stream.cancel()
             raise ApiError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e
+        except asyncio.CancelledError:  # the client went away (a gRPC deadline, a disconnect)
+            stream.cancel()
+            raise
         except BackPressureError as e:  # every replica busy and the pool's queue full: shed load now
             raise ApiError(503, "the server is overloaded: every replica is busy and the queue is full; "
                            "retry later", code=SERVER_OVERLOADED) from e

@@ -132,6 +132,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param}: {' or '.join(messages)}", param
 
 
+def validation_error(errors: list[Any], body: Any) -> ApiError:
+    """pydantic's ``errors`` about ``body`` as the 400 the REST API answers with: other
+    surfaces (gRPC) validate with the same models and report the very same message."""
+    message, param = _validation_message(RequestValidationError(errors, body=body))
+    return ApiError(400, message, param=param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through the OpenAI error shape; nothing else reaches a client."""
 
