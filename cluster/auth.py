@@ -1,4 +1,4 @@
-"""Optional API keys for the ingress: no valid key, no service (401 in OpenAI's error shape).
+"""Optional API keys for the ingress: no valid key, no service (401 in the surface's error shape).
 
 Keys come from a file (one per line, ``#`` comments) and/or an environment variable
 (comma-separated), never from the serving config itself: the config travels as Serve
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cluster.error_shapes import error_body_for
+from cluster.error_shapes import render_error
 from cluster.tenancy import GOOGLE_PATH_PREFIX, api_key_from_headers, google_api_key
 from cluster.wire import INVALID_API_KEY, ApiError
 
@@ -96,18 +96,19 @@ class ApiKeyAuth:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         key = api_key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-        path = scope.get("path", "")
-        if key is None and path.startswith(GOOGLE_PATH_PREFIX):
+        if key is None and scope.get("path", "").startswith(GOOGLE_PATH_PREFIX):
             key = google_api_key(headers.get("x-goog-api-key"), scope.get("query_string", b""))
         if keys.allows(key):
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["error_code"] = INVALID_API_KEY
-        message = ("Missing API key: send it as 'Authorization: Bearer KEY'." if key is None
+        message = ("Missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'." if key is None
                    else "Incorrect API key provided.")
+        # OpenAI calls a bad key an invalid_request_error; each surface renders it its way.
         err = ApiError(401, message, code=INVALID_API_KEY, type="invalid_request_error")
-        body = json.dumps(error_body_for(path, err)).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
+        status, shaped = render_error(scope.get("path", ""), err)
+        body = json.dumps(shaped).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b'Bearer realm="kvferry"')]})
         await send({"type": "http.response.body", "body": body})

@@ -159,6 +159,15 @@ class CacheConfig(_Strict):
     explicit_cache_max_ttl_s: float = Field(
         7 * 86400.0, gt=0, description="Longest lifetime an explicit cache may be given, seconds (longer is a 400).",
     )
+    min_cacheable_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Shortest prefix a cache breakpoint (Anthropic cache_control) may cache, in tokens: a "
+            "breakpoint before it gets no TTL of its own and reports no cache write. 0: any "
+            "breakpoint that covers at least one full KV block."
+        ),
+    )
 
 
 class TransportConfig(_Strict):

@@ -1,7 +1,8 @@
-"""FastAPI handlers that render every error in OpenAI's shape and never leak a trace.
+"""FastAPI handlers that render every error in its surface's shape and never leak a trace.
 
-Every error a client sees has the shape ``{"error": {"message", "type", "param", "code"}}``
-and the matching HTTP status (the error type itself, ``cluster.wire.ApiError``, crosses
+Every error a client of the OpenAI routes sees has the shape ``{"error": {"message", "type",
+"param", "code"}}`` and the matching HTTP status; other surfaces' routes (Anthropic's
+``/v1/messages``) get their own shape through ``cluster.error_shapes`` (the error type itself, ``cluster.wire.ApiError``, crosses
 Serve handles too). FastAPI's own 422 validation errors (malformed JSON, wrong types,
 out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
 unexpected exception becomes a generic 500 whose body names the request id, not the stack.
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.error_shapes import error_body_for
+from cluster.error_shapes import render_error
 from cluster.http_metrics import set_error_code
 from cluster.wire import INTERNAL_ERROR, REQUEST_TOO_LARGE, ApiError
 
@@ -31,10 +32,12 @@ RETRY_AFTER_S = 1
 
 
 def error_response(
-    err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None, path: str | None = None
+    err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
     # No x-request-id here: Serve's proxy echoes the request's id on every response.
-    return JSONResponse(error_body_for(path, err), status_code=err.status_code, headers=headers)
+    # The shape (and maybe the status) is that of the surface serving ``path``.
+    status, body = render_error(path, err)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):

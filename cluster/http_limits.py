@@ -2,8 +2,8 @@
 
 A pure ASGI middleware (no buffering of its own): a declared ``Content-Length`` over the
 limit is refused before the body is read; a body without one (chunked) is counted as it
-streams in and refused the moment it passes the limit. Either way the client gets the
-OpenAI error shape, and neither JSON parsing nor tokenizing ever sees the body.
+streams in and refused the moment it passes the limit. Either way the client gets its
+surface's error shape (``cluster.error_shapes``), and neither JSON parsing nor tokenizing ever sees the body.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.error_shapes import error_body_for
+from cluster.error_shapes import render_error
 from cluster.wire import REQUEST_TOO_LARGE, ApiError
 
 
@@ -41,7 +41,7 @@ class BodySizeLimit:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             scope.setdefault("state", {})["error_code"] = REQUEST_TOO_LARGE
-            await _send_413(send, limit, scope.get("path"))
+            await _send_413(send, limit, scope.get("path", ""))
             return
         seen = 0
 
@@ -69,12 +69,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int, path: str | None) -> None:
+async def _send_413(send: Send, limit: int, path: str) -> None:
     err = ApiError(413, _too_large_message(limit), code=REQUEST_TOO_LARGE)
-    body = json.dumps(error_body_for(path, err)).encode()
+    status, shaped = render_error(path, err)
+    body = json.dumps(shaped).encode()
     await send({
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     })
     await send({"type": "http.response.body", "body": body})

@@ -6,8 +6,9 @@ and hands it to the :class:`cluster.front_door.FrontDoor`, which checks the mode
 resolves the tenant, tokenizes, routes and waits for the first chunk (so refusals still
 get a status code, and the headers can name the replicas that served the request). The
 route renders the replica's :class:`StreamChunk` values in its surface's shape: OpenAI
-JSON or SSE here. The same deployment serves gRPC: Serve's gRPC proxy calls the methods
-named after kvferry.v1.Inference's RPCs, one-line delegates to ``cluster.grpc.adapter``.
+JSON or SSE here, Anthropic's through ``cluster.anthropic_surface``. The same deployment
+serves gRPC: Serve's gRPC proxy calls the methods named after kvferry.v1.Inference's RPCs,
+one-line delegates to ``cluster.grpc.adapter``.
 """
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
@@ -22,9 +23,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from cluster.anthropic_protocol import CountTokensRequest, MessagesRequest
+from cluster.anthropic_responses import CountTokensResponse, MessageResponse
+from cluster.anthropic_surface import ERROR_RESPONSES as ANTHROPIC_ERRORS
+from cluster.anthropic_surface import MESSAGES_RESPONSES, AnthropicMessages
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
-from cluster.error_shapes import register_error_shape
 from cluster.explicit_cache_api import ExplicitCaches
 from cluster.explicit_caches import ExplicitCache
 from cluster.front_door import FrontDoor, Generation
@@ -38,7 +42,6 @@ from cluster.gemini_protocol import (
     GoogleErrorResponse,
     ListCachedContents,
     UpdateCachedContent,
-    google_error_body,
 )
 from cluster.grpc.adapter import GrpcSurface
 from cluster.http_body import JsonBodyRoute
@@ -46,7 +49,7 @@ from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
 from cluster.http_metrics import ApiMetrics, set_error_code
 from cluster.inference import InferenceRequest
-from cluster.metrics import ingress_answer_recorder
+from cluster.metrics import cache_usage_recorder, ingress_answer_recorder
 from cluster.openapi_doc import document_api, sse_response
 from cluster.protocol import (
     ChatCompletionChunk,
@@ -85,8 +88,6 @@ api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
 _CHAT_RESPONSES = {**ERROR_RESPONSES, **sse_response(ChatCompletionChunk)}
 _COMPLETION_RESPONSES = {**ERROR_RESPONSES, **sse_response(CompletionResponse)}
 _INTERRUPTED = f"data: {json.dumps(ApiError(500, 'stream interrupted').body())}\n\n"
-# Gemini's routes answer errors in Google's shape.
-register_error_shape("/v1beta/", google_error_body)
 _GOOGLE = GOOGLE_ERROR_RESPONSES
 _GOOGLE_STREAM = {**GOOGLE_ERROR_RESPONSES, **sse_response(GenerateContentResponse, GoogleErrorResponse, done=False)}
 
@@ -130,7 +131,8 @@ class Ingress:
         model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
-        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
+        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer, record_cache=cache_usage_recorder())
+        self.anthropic = AnthropicMessages(self.door)
         self.caches = ExplicitCaches(self.door)
         self.gemini = GeminiApi(self.door, self.caches)
         self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys, lambda: api.state.record_answer)
@@ -159,6 +161,16 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request))
         return await self._serve(body, req, request, chat=False)
+
+    # ------------------------------------------------------------------ Anthropic Messages
+
+    @api.post("/v1/messages", response_model=MessageResponse, responses=MESSAGES_RESPONSES)
+    async def messages(self, body: MessagesRequest, request: Request) -> Any:
+        return await self.anthropic.create(body, request)
+
+    @api.post("/v1/messages/count_tokens", response_model=CountTokensResponse, responses=ANTHROPIC_ERRORS)
+    async def count_tokens(self, body: CountTokensRequest, request: Request) -> Any:
+        return await self.anthropic.count_tokens(body, request)
 
     # ------------------------------------------------------------------ Gemini (/v1beta): explicit caches
 

@@ -135,6 +135,8 @@ class StreamChunk:
     # Finished chunk of a request with a PinAsk: prompt tokens pinned (0: refused, see pin_refusal).
     pinned_tokens: int = 0
     pin_refusal: str | None = None
+    # The stop string that ended the request (finished chunk only; None: EOS or no stop).
+    stop_string: str | None = None
 
 
 # What a decode replica's stream yields: chunks, or one error and nothing after it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.error_shapes import error_body_for, register_error_shape
+from cluster.error_shapes import render_error
 from cluster.gemini_protocol import Content, format_time, google_error_body, parse_duration, parse_time, to_turns
 from cluster.inference import ChatTurn
 from cluster.wire import ApiError
@@ -37,9 +37,8 @@ def test_contents_become_chat_turns() -> None:
 
 
 def test_errors_take_the_shape_of_their_path() -> None:
-    register_error_shape("/v1beta/", google_error_body)
     err = ApiError(429, "budget is full", code="RESOURCE_EXHAUSTED")
-    assert error_body_for("/v1beta/cachedContents", err) == {
-        "error": {"code": 429, "message": "budget is full", "status": "RESOURCE_EXHAUSTED"}}
-    assert error_body_for("/v1/chat/completions", err) == err.body()
+    assert render_error("/v1beta/cachedContents", err) == (429, {
+        "error": {"code": 429, "message": "budget is full", "status": "RESOURCE_EXHAUSTED"}})
+    assert render_error("/v1/chat/completions", err) == (429, err.body())
     assert google_error_body(ApiError(404, "x"))["error"]["status"] == "NOT_FOUND"
