@@ -11,7 +11,8 @@ Memory layout (1M resident blocks must stay well under 256 bytes each):
   ``expiry_ms << 18 | tier << 16 | replica_idx``; with several holders the value is a
   tuple of packed ints. No per-entry objects besides the (shared) hash key and one int.
   The record helpers live in ``router.directory_records``; the prefix walk behind
-  ``lookup`` lives in ``router.directory_match``.
+  ``lookup`` lives in ``router.directory_match``; the value types it answers with
+  (``PrefixMatch``, ``DirectoryStats``) in ``router.directory_types``.
 * Expiry order lives in ``_buckets``: exact ``expiry_ms`` -> (list of hashes, array of
   replica indexes), plus a min-heap of bucket keys. Touches, and tier moves that carry
   the block's expiry in its new tier (``BlockMoved.expires_at``: a block demoted to host
@@ -34,7 +35,7 @@ import heapq
 import math
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.block_hash import BlockHash
 from engine.kv_events import (
@@ -48,6 +49,7 @@ from engine.kv_events import (
     Tier,
 )
 from router.directory_match import prefix_counts
+from router.directory_types import ApplyResult, DirectoryStats, PrefixMatch
 from router.directory_records import (
     EXP_SHIFT,
     LOW_MASK,
@@ -63,28 +65,6 @@ from router.directory_records import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
-    """How much of a prompt's prefix one replica holds."""
-
-    # Leading blocks of the prompt held (and unexpired) on the replica.
-    num_blocks: int
-    # Slowest tier among those blocks (DEVICE when num_blocks == 0).
-    tier: Tier
-    # Of the num_blocks, how many sit in each tier: (device, host, disk).
-    blocks_per_tier: tuple[int, int, int] = (0, 0, 0)
-
-
-@dataclass(slots=True)
-class ApplyResult:
-    """What ``apply`` learnt from one batch."""
-
-    # Number of events folded in (0 for a duplicate / stale batch).
-    num_events: int
-    # True when the directory missed batches from this replica and wants a snapshot.
-    snapshot_needed: bool
-
-
 @dataclass(slots=True)
 class _ReplicaState:
     # seq_no of the last batch applied; None until the first batch or snapshot.
@@ -93,18 +73,7 @@ class _ReplicaState:
     num_blocks: int = 0
 
 
-@dataclass(slots=True)
-class DirectoryStats:
-    """Sizes and counters for metrics."""
-
-    num_entries: int
-    num_hashes: int
-    num_replicas: int
-    num_expired: int
-    num_gaps: int
-    replicas_needing_snapshot: list[str] = field(default_factory=list)
-    # (replica, block) entries per tier (device, host, disk); they sum to num_entries.
-    entries_by_tier: tuple[int, int, int] = (0, 0, 0)
+__all__ = ["ApplyResult", "DirectoryStats", "KVDirectory", "PrefixMatch"]
 
 
 class KVDirectory:
