@@ -51,19 +51,21 @@ import xxhash
 from engine.block_hash import BlockHash
 from router.directory import PrefixMatch
 
-# Seconds to bring one cached token's KV to the device from each tier (device, host,
-# disk): one KV block of the default model (SmolLM2-135M, fp32, 16-token blocks) copied
-# from a second pool in host memory, and read from a block file out of the page cache,
-# measured by benchmarks/promote_cost.py on the project's CPU box (BENCHMARKS.md, "Tier
-# promote cost"). GPUs: measure yours with the same script and set RoutingConfig's
-# host_promote_us_per_token / disk_promote_us_per_token.
-HOST_PROMOTE_US_PER_TOKEN: float = 300.0
-DISK_PROMOTE_US_PER_TOKEN: float = 620.0
+# Promote time per cached token from each tier, measured by benchmarks/promote_cost.py on
+# the project's 2-core CPU box (BENCHMARKS.md, "Tier promote cost"): one KV block of the
+# default model (SmolLM2-135M, fp32, 16-token blocks, 720 KiB) copied from a second pool in
+# host memory within a 32-block run (18-23 us/token over two runs), and read from a block
+# file out of the page cache then copied (206-363 us/token). GPUs: measure yours with the
+# same script and set RoutingConfig's host/disk_promote_us_per_token.
+HOST_PROMOTE_US_PER_TOKEN: float = 20.0
+DISK_PROMOTE_US_PER_TOKEN: float = 300.0
 DEFAULT_PROMOTE_S_PER_TOKEN: tuple[float, float, float] = (
     0.0, HOST_PROMOTE_US_PER_TOKEN * 1e-6, DISK_PROMOTE_US_PER_TOKEN * 1e-6)
 # Prefill speed that turns promote seconds into tokens of prefill work when a replica
-# reports none: the default model's prefill on that same box, same run.
-DEFAULT_PREFILL_TOKENS_PER_S: float = 65.0
+# reports none: the default model's prefill on one torch thread on that box, same runs
+# (41-58 tokens/s on the loaded box). A host hit then saves 99.9% of its recompute, a disk
+# hit 98.5%.
+DEFAULT_PREFILL_TOKENS_PER_S: float = 50.0
 
 
 def tier_credits(promote_s_per_token: tuple[float, float, float], prefill_tokens_per_s: float) -> tuple[float, float, float]:

@@ -256,9 +256,12 @@ class PoolSimulator:
                 if rate > 0.3:
                     return idx[best[0]]
             return min(range(n), key=lambda i: (counts[i], loads[i].queued_prefill_tokens, i))
-        info = RequestInfo(req.hash_ids, _num_tokens(req), TRACE_BLOCK_TOKENS)
-        ranked = rank_replicas(info, loads, matches, self.policy_config)
+        ranked = rank_replicas(self.request_info(req), loads, matches, self.policy_config)
         return idx[ranked[0]]
+
+    def request_info(self, req: TraceRequest) -> RequestInfo:
+        """The request as kvferry's policy sees it (benchmarks override the tie-break seed)."""
+        return RequestInfo(req.hash_ids, _num_tokens(req), TRACE_BLOCK_TOKENS)
 
     # -- service --------------------------------------------------------------------
 

@@ -188,3 +188,13 @@ def test_speculative_entries_keep_a_burst_together_then_expire():
 
 def test_merge_matches_keeps_the_longest():
     assert merge_matches({"a": dev(3), "b": dev(1)}, {"a": dev(2), "b": dev(5)}) == {"a": dev(3), "b": dev(5)}
+
+
+def test_routing_config_knobs_become_the_policys_promote_costs():
+    from router.serve_routers import _tier_cost_fields
+
+    kw = {"host_promote_us_per_token": 4.0, "prefill_tokens_per_s": 100.0, "lookup_timeout_s": 1.0}
+    fields = _tier_cost_fields(kw)
+    assert fields["promote_s_per_token"] == pytest.approx((0.0, 4e-6, PrefillPolicyConfig().promote_s_per_token[2]))
+    assert fields["prefill_tokens_per_s"] == 100.0 and kw == {"lookup_timeout_s": 1.0}
+    assert _tier_cost_fields({}) == {}
