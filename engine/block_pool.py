@@ -125,10 +125,12 @@ class BlockPool:
             self._events.append(BlockRemoved(tuple(evicted)))
         return out
 
-    def touch(self, blocks: Iterable[KVBlock], now: float, ttl_s: float) -> None:
-        """Take a reference on cached blocks (prefix hits) and slide their TTL."""
+    def touch(self, blocks: Sequence[KVBlock], now: float, ttl_s: float | Sequence[float]) -> None:
+        """Take a reference on cached blocks (prefix hits) and slide their TTL (one for all,
+        or one per block: a cache breakpoint gives a prefix a longer TTL)."""
+        ttls = _per_block(ttl_s, len(blocks))
         touched: dict[float, list[BlockHash]] = {}
-        for block in blocks:
+        for block, ttl_s in zip(blocks, ttls):
             if block.ref_cnt == 0:
                 # A free cached block leaves the free list while it is in use.
                 if self._free_cached.pop(block.block_id, None) is None:
@@ -167,19 +169,26 @@ class BlockPool:
         self,
         entries: Sequence[tuple[KVBlock, BlockHash, BlockHash | None, Sequence[int]]],
         now: float,
-        ttl_s: float,
+        ttl_s: float | Sequence[float],
     ) -> None:
-        """Put newly full blocks ``(block, hash, parent_hash, token_ids)`` into the prompt cache.
+        """Put newly full blocks ``(block, hash, parent_hash, token_ids)`` into the prompt cache,
+        with one TTL for all or one per block.
 
         A hash already cached by another block (two requests computed the same block at
         once) leaves this block uncached: one copy per hash.
         """
-        expires_at = now + ttl_s
+        ttls = _per_block(ttl_s, len(entries))
         run: list[BlockHash] = []
         run_parent: BlockHash | None = None
-        for block, block_hash, parent, token_ids in entries:
+        expires_at = 0.0
+        for (block, block_hash, parent, token_ids), ttl_s in zip(entries, ttls):
             if block.block_hash is not None:
                 raise RuntimeError(f"block {block.block_id} is already cached")
+            if run and now + ttl_s != expires_at:
+                # One BlockStored per run of blocks sharing an expiry.
+                self._flush_stored(run, run_parent, expires_at)
+                run = []
+            expires_at = now + ttl_s
             if block_hash in self._cached:
                 self._flush_stored(run, run_parent, expires_at)
                 run = []
@@ -262,3 +271,11 @@ class BlockPool:
             if b.block_hash is not None
         ]
         heapq.heapify(self._expiry_heap)
+
+
+def _per_block(ttl_s: float | Sequence[float], n: int) -> Sequence[float]:
+    if isinstance(ttl_s, (int, float)):
+        return [float(ttl_s)] * n
+    if len(ttl_s) != n:
+        raise ValueError(f"{len(ttl_s)} TTLs for {n} blocks")
+    return ttl_s

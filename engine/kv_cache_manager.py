@@ -79,7 +79,7 @@ class KVCacheManager:
         if not self.can_allocate(req, num_new_tokens, cached):
             return False
         if cached:
-            self.pool.touch(cached, now, req.ttl_s)
+            self.pool.touch(cached, now, [req.block_ttl_s(i, self.block_size) for i in range(len(cached))])
             req.blocks.extend(cached)
             req.num_computed_tokens = len(cached) * self.block_size
             req.num_cached_blocks = len(cached)
@@ -98,12 +98,13 @@ class KVCacheManager:
             return
         self.update_block_hashes(req)
         bs = self.block_size
-        entries = []
+        entries, ttls = [], []
         for i in range(req.num_cached_blocks, num_full):
             parent = req.block_hashes[i - 1] if i else None
             tokens = req.all_token_ids[i * bs : (i + 1) * bs]
             entries.append((req.blocks[i], req.block_hashes[i], parent, tokens))
-        self.pool.cache_blocks(entries, now, req.ttl_s)
+            ttls.append(req.block_ttl_s(i, bs))
+        self.pool.cache_blocks(entries, now, ttls)
         req.num_cached_blocks = num_full
 
     def free(self, req: Request, now: float) -> None:

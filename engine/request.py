@@ -101,6 +101,16 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def block_ttl_s(self, index: int, block_size: int) -> float:
+        """Prompt-cache TTL of this request's block ``index``: the longest of the default and
+        of every breakpoint whose prefix covers the whole block."""
+        end = (index + 1) * block_size
+        ttl = self.ttl_s
+        for bp in self.params.cache_breakpoints:
+            if bp.num_tokens >= end and bp.ttl_s > ttl:
+                ttl = bp.ttl_s
+        return ttl
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
