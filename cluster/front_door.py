@@ -7,19 +7,22 @@ Everything else happens once, here: the model-name check, tenancy (the API key b
 the cache salt), tokenizing with the model's chat template in a worker thread (cache
 breakpoints become token counts), sampling defaults and the engine's own request checks,
 routing hints, the call to the decode pool, and the wait for the first chunk (so a
-refusal still gets a status code before any header is sent).
+refusal still gets a status code before any header is sent). A breakpoint shorter than
+``cache.min_cacheable_tokens`` is dropped here. When a request finishes, its prompt-cache
+reads and writes are counted once, per surface and TTL class (``cluster.cache_usage``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
+from cluster.cache_usage import CacheAccount, cache_account
 from cluster.config import ServeConfig
 from cluster.inference import InferenceRequest
 from cluster.routing import routing_hints
@@ -41,6 +44,9 @@ from engine.intake import check_tokens
 
 logger = logging.getLogger(__name__)
 
+# (surface, account) -> None: one finished request's prompt-cache tokens (the metrics).
+CacheRecorder = Callable[[str, CacheAccount], None]
+
 
 @dataclass
 class Generation:
@@ -52,6 +58,8 @@ class Generation:
     breakpoints: tuple[CacheBreakpoint, ...]
     _stream: Any
     _timeout_s: float
+    # Called once with the finished chunk (the FrontDoor's cache metrics).
+    _on_finish: Callable[[StreamChunk], None] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -67,6 +75,8 @@ class Generation:
         ApiError is raised. The caller must :meth:`cancel` when it stops early."""
         item = self.first
         while True:
+            if item.finished and self._on_finish is not None:
+                self._on_finish(item)
             yield item
             if item.finished:
                 return
@@ -101,7 +111,10 @@ def _raise_if_error(item: Any) -> StreamChunk:
 class FrontDoor:
     """Validates, tokenizes, routes and starts requests for every surface of one app."""
 
-    def __init__(self, cfg: ServeConfig, decode: Any, model_name: str, hf_tokenizer: Any) -> None:
+    def __init__(
+        self, cfg: ServeConfig, decode: Any, model_name: str, hf_tokenizer: Any,
+        record_cache: CacheRecorder | None = None,
+    ) -> None:
         self.cfg = cfg
         self.decode = decode
         self.model_name = model_name
@@ -110,6 +123,7 @@ class FrontDoor:
         self._hf_tokenizer = hf_tokenizer
         self._prompt_tokenizer: Any = None
         self._info: ModelInfo | None = None
+        self._record_cache = record_cache
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:
@@ -138,7 +152,10 @@ class FrontDoor:
         max_tokens = req.max_tokens or max(1, min(self.cfg.model.default_max_tokens, info.max_model_len - len(ids)))
         cap = self.front_engine.max_ttl_s  # providers clamp long retention asks ("24h") to what they offer
         ttl = None if req.cache_ttl_s is None else min(req.cache_ttl_s, cap)
-        breakpoints = tuple(CacheBreakpoint(n, min(m.ttl_s, cap)) for n, m in zip(marks_at, req.cache_marks) if n > 0)
+        # A breakpoint under the minimum cacheable length caches nothing (Anthropic's rule).
+        shortest = max(1, self.cfg.cache.min_cacheable_tokens)
+        breakpoints = tuple(CacheBreakpoint(n, min(m.ttl_s, cap))
+                            for n, m in zip(marks_at, req.cache_marks) if n >= shortest)
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -170,13 +187,34 @@ class FrontDoor:
         except asyncio.TimeoutError as e:
             stream.cancel()
             raise ApiError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e
+        except asyncio.CancelledError:  # the client went away (a gRPC deadline, a disconnect)
+            stream.cancel()
+            raise
         except BackPressureError as e:  # every replica busy and the pool's queue full: shed load now
             raise ApiError(503, "the server is overloaded: every replica is busy and the queue is full; "
                            "retry later", code=SERVER_OVERLOADED) from e
         except Exception as e:  # noqa: BLE001 - replica death, unavailable pool
             logger.warning("decode pool failed for %s: %r", req.request_id, e)
             raise ApiError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
-        return Generation(gen_request, _raise_if_error(first), breakpoints, stream, timeout_s)
+        on_finish = None if self._record_cache is None else self._cache_metrics(req.surface, gen_request)
+        return Generation(gen_request, _raise_if_error(first), breakpoints, stream, timeout_s, on_finish)
+
+    def _cache_metrics(self, surface: str, request: GenerateRequest) -> Callable[[StreamChunk], None]:
+        """The finished-chunk callback that records a request's cache reads and writes."""
+        record, params = self._record_cache, request.params
+        default_ttl = params.cache_ttl_s or self.front_engine.default_ttl_s
+        block_size = self._info.block_size if self._info is not None else self.front_engine.block_size
+
+        def on_finish(last: StreamChunk) -> None:
+            try:
+                account = cache_account(last.prompt_tokens, last.cached_tokens, block_size, default_ttl,
+                                        params.cache_breakpoints)
+                if record is not None:
+                    record(surface, account)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                logger.debug("cache metrics failed", exc_info=True)
+
+        return on_finish
 
     async def _encode(self, req: InferenceRequest, info: ModelInfo) -> tuple[list[int], list[int]]:
         """Prompt token ids and each cache mark's position in tokens, tokenized in a worker

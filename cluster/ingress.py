@@ -6,7 +6,9 @@ and hands it to the :class:`cluster.front_door.FrontDoor`, which checks the mode
 resolves the tenant, tokenizes, routes and waits for the first chunk (so refusals still
 get a status code, and the headers can name the replicas that served the request). The
 route renders the replica's :class:`StreamChunk` values in its surface's shape: OpenAI
-JSON or SSE here.
+JSON or SSE here, Anthropic's through ``cluster.anthropic_surface``. The same deployment
+serves gRPC: Serve's gRPC proxy calls the methods named after kvferry.v1.Inference's RPCs,
+one-line delegates to ``cluster.grpc.adapter``.
 """
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
@@ -14,21 +16,27 @@ JSON or SSE here.
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from cluster.anthropic_protocol import CountTokensRequest, MessagesRequest
+from cluster.anthropic_responses import CountTokensResponse, MessageResponse
+from cluster.anthropic_surface import ERROR_RESPONSES as ANTHROPIC_ERRORS
+from cluster.anthropic_surface import MESSAGES_RESPONSES, AnthropicMessages
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
 from cluster.front_door import FrontDoor, Generation
+from cluster.grpc.adapter import GrpcSurface
 from cluster.http_body import JsonBodyRoute
 from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
 from cluster.http_metrics import ApiMetrics, set_error_code
 from cluster.inference import InferenceRequest
-from cluster.metrics import ingress_answer_recorder
+from cluster.metrics import cache_usage_recorder, ingress_answer_recorder
 from cluster.openapi_doc import document_api, sse_response
 from cluster.protocol import (
     ChatCompletionChunk,
@@ -103,7 +111,9 @@ class Ingress:
         model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
         # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
         tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
-        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer)
+        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer, record_cache=cache_usage_recorder())
+        self.anthropic = AnthropicMessages(self.door)
+        self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys, lambda: api.state.record_answer)
 
     # ------------------------------------------------------------------ routes
 
@@ -125,6 +135,38 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         req = body.to_inference(request.state.request_id, _api_key(request))
         return await self._serve(body, req, request, chat=False)
+
+    # ------------------------------------------------------------------ Anthropic Messages
+
+    @api.post("/v1/messages", response_model=MessageResponse, responses=MESSAGES_RESPONSES)
+    async def messages(self, body: MessagesRequest, request: Request) -> Any:
+        return await self.anthropic.create(body, request)
+
+    @api.post("/v1/messages/count_tokens", response_model=CountTokensResponse, responses=ANTHROPIC_ERRORS)
+    async def count_tokens(self, body: CountTokensRequest, request: Request) -> Any:
+        return await self.anthropic.count_tokens(body, request)
+
+    # ------------------------------------------------------------------ gRPC (kvferry.v1.Inference)
+    # Serve's gRPC proxy calls the method named like the RPC; cluster/grpc/adapter.py does the work.
+
+    async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the RPC's name
+        return await self.grpc.list_models(request, grpc_context)
+
+    async def Chat(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=True)
+
+    async def Complete(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=False)
+
+    async def ChatStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=True)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
+
+    async def CompleteStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=False)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
 
     # ------------------------------------------------------------------ typed stream -> OpenAI
 

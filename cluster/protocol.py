@@ -201,6 +201,9 @@ class Usage(BaseModel):
     total_tokens: int
     # Always present (0 too): clients read it to measure their cache hit rate.
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # DeepSeek's names for the same split: hit + miss = prompt_tokens.
+    prompt_cache_hit_tokens: int = 0
+    prompt_cache_miss_tokens: int = 0
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -209,6 +212,8 @@ class Usage(BaseModel):
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            prompt_cache_hit_tokens=cached_tokens,
+            prompt_cache_miss_tokens=prompt_tokens - cached_tokens,
         )
 
 

@@ -120,6 +120,8 @@ class StreamChunk:
     # Which replicas served the request ("local": the decode replica prefilled it).
     prefill_replica: str
     decode_replica: str
+    # The stop string that ended the request (finished chunk only; None: EOS or no stop).
+    stop_string: str | None = None
 
 
 # What a decode replica's stream yields: chunks, or one error and nothing after it.

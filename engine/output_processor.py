@@ -52,6 +52,7 @@ def make_output(req: Request, kv_export: KVExport | None = None) -> RequestOutpu
         num_prompt_tokens=req.num_prompt_tokens,
         num_cached_tokens=max(req.num_cached_tokens, 0),
         kv_export=kv_export,
+        stop_string=checker.matched if finished else None,
     )
 
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from cluster.http_errors import install_error_handlers
 from cluster.wire import ApiError
 from cluster.inference import CacheMark, ChatTurn
-from cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_retention
+from cluster.protocol import ChatCompletionRequest, CompletionRequest, Usage, parse_retention
 
 
 def test_retention_mapping() -> None:
@@ -20,6 +20,12 @@ def test_retention_mapping() -> None:
     assert parse_retention("5m") == 300.0
     with pytest.raises(ValueError):
         parse_retention("forever")
+
+
+def test_usage_carries_openai_and_deepseek_cache_fields() -> None:
+    u = Usage.of(prompt_tokens=100, completion_tokens=5, cached_tokens=64).model_dump()
+    assert u["prompt_tokens_details"]["cached_tokens"] == 64 and u["total_tokens"] == 105
+    assert (u["prompt_cache_hit_tokens"], u["prompt_cache_miss_tokens"]) == (64, 36)
 
 
 def test_chat_request_maps_to_the_surface_neutral_request() -> None:
