@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config import EngineConfig
+from router.policy import DEFAULT_PREFILL_TOKENS_PER_S, DISK_PROMOTE_US_PER_TOKEN, HOST_PROMOTE_US_PER_TOKEN
 
 Role = Literal["prefill", "decode", "mixed"]
 # Engine settings each replica gets from its pool and its place, never from the file.
@@ -263,6 +264,19 @@ class RoutingConfig(_Strict):
     )
     imbalance_load: float = Field(
         0.5, ge=0, description="Decode pool: replicas this much load above the least loaded are demoted."
+    )
+    host_promote_us_per_token: float = Field(
+        HOST_PROMOTE_US_PER_TOKEN, ge=0,
+        description="Time to promote one cached token's KV from host memory to the device, microseconds "
+        "(benchmarks/promote_cost.py; the default was measured on CPU): a host hit saves its recompute minus this.",
+    )
+    disk_promote_us_per_token: float = Field(
+        DISK_PROMOTE_US_PER_TOKEN, ge=0,
+        description="The same from the disk tier, microseconds per token.",
+    )
+    prefill_tokens_per_s: float = Field(
+        DEFAULT_PREFILL_TOKENS_PER_S, gt=0,
+        description="A replica's prefill speed, to weigh promote time against recompute (measured with the promote costs).",
     )
     lookup_timeout_s: float = Field(
         0.25, gt=0, description="The KV directory must answer within this; else power-of-two choices."
