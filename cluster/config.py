@@ -151,15 +151,9 @@ class CacheConfig(_Strict):
         ),
     )
     explicit_cache_budget_tokens: int = Field(
-        65_536, ge=0, description="Most prompt tokens one API key's explicit caches (/v1beta/cachedContents) may pin "
-        "at once; a create over it is a 429.",
-    )
-    explicit_cache_default_ttl_s: float = Field(
-        3600.0, gt=0, description="Lifetime of an explicit cache created with neither ttl nor expireTime, seconds.",
-    )
-    explicit_cache_max_ttl_s: float = Field(
-        7 * 86400.0, gt=0, description="Longest lifetime an explicit cache may be given, seconds (longer is a 400).",
-    )
+        65_536, ge=0, description="Most prompt tokens one API key's explicit caches may pin at once (else a 429).")
+    explicit_cache_default_ttl_s: float = Field(3600.0, gt=0, description="Explicit-cache lifetime if none is asked, s.")
+    explicit_cache_max_ttl_s: float = Field(604_800.0, gt=0, description="Longest explicit-cache lifetime, s (else 400).")
     min_cacheable_tokens: int = Field(
         0,
         ge=0,
