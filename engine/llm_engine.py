@@ -23,12 +23,13 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.intake import make_request
 from engine.kv_cache_manager import KVCacheManager
-from engine.kv_events import CacheSnapshot, KVEventBatch
+from engine.kv_events import CacheSnapshot, KVEventBatch, Tier
+from engine.kv_tiers.build import build_tiers, tier_lifetimes
 from engine.kv_transfer import KVTransfer
 from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.models import resolve_dtype
 from engine.output_processor import make_error_output, make_output, stop_status
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, TierStats
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingFailure
 from engine.sampling_params import SamplingParams
@@ -68,7 +69,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
 
         num_blocks = num_kv_blocks(config, model_config, self.kv_dtype)
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, ttl_cap_s=tier_lifetimes(config).cap(Tier.DEVICE))
         self.kv = KVCacheManager(self.pool, config.block_size, model_id)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(
@@ -88,6 +89,8 @@ class LLMEngine:
             fused_kernels=config.fused_kernels,
             prefill_attention=config.prefill_attention,
         )
+        # Host and disk tiers behind the device pool (engine.kv_tiers); None when off.
+        self.tiers = self.kv.tiers = build_tiers(config, self.pool, self.runner.kv_cache, model, model_id, clock())
         self.kv_transfer = KVTransfer(
             self.scheduler,
             self.kv,
@@ -229,9 +232,13 @@ class LLMEngine:
         """
         now = self.clock()
         self.kv_transfer.expire_leases(now)
+        if self.tiers is not None:
+            self.tiers.poll(now)
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule(now)
         if sched.num_tokens == 0:
+            if self.scheduler.promoting and self.tiers is not None:
+                self.tiers.wait_for_progress(0.01)  # only promotions in flight: don't spin
             return outputs
         try:
             tokens = self.runner.execute(sched)
@@ -308,11 +315,19 @@ class LLMEngine:
     def cache_snapshot(self) -> CacheSnapshot:
         """Every cached block now (events not yet drained are already reflected)."""
         now = self.clock()
-        return CacheSnapshot(self.config.replica_id, self._event_seq_no - 1, now, self.pool.cached_entries(now))
+        blocks = self.pool.cached_entries(now) + (self.tiers.entries(now) if self.tiers is not None else [])
+        return CacheSnapshot(self.config.replica_id, self._event_seq_no - 1, now, blocks)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (benchmarks measure compute, not the cache)."""
+        """Forget every cached block, in every tier (benchmarks measure compute, not the cache)."""
         self.pool.clear_cache()
+        if self.tiers is not None:
+            self.tiers.clear()
+
+    def close(self) -> None:
+        """Finish queued disk-tier writes and stop its IO thread (the engine is done)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def stats(self) -> EngineStats:
         """A load snapshot for routers and metrics."""
@@ -332,6 +347,8 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_expired_blocks=self.pool.num_expired,
             num_evicted_blocks=self.pool.num_evicted,
+            prefix_cache_hits_by_tier=self.kv.hit_tokens_by_tier,
+            tiers=self.tiers.stats() if self.tiers is not None else TierStats(),
         )
 
 
