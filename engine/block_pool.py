@@ -243,9 +243,8 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.block_hash != block_hash or block.expires_at != expires_at:
                 continue  # stale entry: the block was refreshed or reused since
-            if block.ref_cnt:
-                continue  # held blocks are dealt with when freed
-            del self._free_cached[block_id]
+            if block.ref_cnt or self._free_cached.pop(block_id, None) is None:
+                continue  # held blocks are dealt with when freed; a duplicate heap entry
             removed.append(block)
             self._free_uncached[block_id] = block
         if removed:

@@ -2,11 +2,12 @@
 
 The bytes in use live in ``<root>/.usage``, read and updated under an exclusive ``flock``
 on ``<root>/.lock``, so several engines on one disk together stay within
-``disk_kv_bytes``. A writer reserves a file's bytes before writing it; when the budget
-would overflow it rescans the whole directory (which also corrects any drift left by a
-crashed writer) and deletes block files oldest-mtime first (mtime is a block's last use)
-until the new file fits. Deleting a file another engine still indexes is safe: that
-engine's read fails, which is a miss.
+``disk_kv_bytes``. A writer holds the lock while it reserves a file's bytes *and* writes
+the file, so no reservation is ever invisible to another writer's scan. When the budget
+would overflow, the writer rescans the whole directory (which also corrects any drift
+left by a crashed writer) and deletes block files oldest-mtime first (mtime is a block's
+last use) until the new file fits. Deleting a file another engine still indexes is safe:
+that engine's read fails, which is a miss.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class DiskBudget:
         self._lock_path = root / ".lock"
         self._usage_path = root / ".usage"
 
-    def reserve(self, nbytes: int) -> list[Path]:
-        """Account ``nbytes`` about to be written; return the files deleted to make room.
+    @contextmanager
+    def reserving(self, nbytes: int) -> Iterator[list[Path]]:
+        """Hold the budget while the caller writes an ``nbytes`` file; yields the files
+        deleted to make room. The bytes count only if the body returns normally.
 
         Raises ``ValueError`` when one file is larger than the whole budget.
         """
@@ -48,8 +51,9 @@ class DiskBudget:
             used = self._read_usage()
             if used is None or used + nbytes > self.capacity_bytes:
                 used, deleted = self._evict_for(nbytes)
+                self._write_usage(used)
+            yield deleted
             self._write_usage(used + nbytes)
-        return deleted
 
     def release(self, nbytes: int) -> None:
         """``nbytes`` of block files were deleted (or never written)."""
@@ -59,8 +63,10 @@ class DiskBudget:
                 self._write_usage(max(used - nbytes, 0))
 
     def used_bytes(self) -> int:
-        """Bytes of block files under ``root`` now, by a full scan (tests, metrics on demand)."""
-        return sum(size for _, size, _ in self._scan())
+        """Bytes of block files under ``root`` now, by a full scan under the lock (so no
+        write or eviction is half-seen; tests and operators)."""
+        with self._locked():
+            return sum(size for _, size, _ in self._scan())
 
     # ---------------------------------------------------------------- internals
     def _evict_for(self, nbytes: int) -> tuple[int, list[Path]]:

@@ -237,15 +237,12 @@ class DiskTier:
     def _do_write(self, op: DiskOp) -> None:
         if op.cancelled:
             return
-        evicted = self.budget.reserve(op.header.file_nbytes())
-        if evicted:
-            self._results.put(("evicted", evicted))
-        try:
+        old = 0
+        with self.budget.reserving(op.header.file_nbytes()) as evicted:
+            if evicted:
+                self._results.put(("evicted", evicted))
             old = op.path.stat().st_size if op.path.exists() else 0
             write_block_file(op.path, op.header, memoryview(op.payload.reshape(-1).view(torch.uint8).numpy()))
-        except BaseException:
-            self.budget.release(op.header.file_nbytes())
-            raise
         if old:
             self.budget.release(old)  # replaced an older copy of the same block
         self._results.put(("written", op))
