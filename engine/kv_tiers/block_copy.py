@@ -53,7 +53,8 @@ class BlockCopier:
     def host_buffer(self, num_blocks: int) -> torch.Tensor:
         """(n, L, 2, bs, H_kv, D) host memory for ``num_blocks`` blocks (pinned on CUDA)."""
         pin = self._stream is not None
-        return torch.zeros((num_blocks, *self.block_shape), dtype=self.kv_cache.dtype, pin_memory=pin)
+        # Uninitialised: a row is always written before it is read (and untouched pages cost nothing).
+        return torch.empty((num_blocks, *self.block_shape), dtype=self.kv_cache.dtype, pin_memory=pin)
 
     def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)

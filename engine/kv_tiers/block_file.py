@@ -136,7 +136,9 @@ def read_header(path: Path) -> BlockFileHeader:
     return header
 
 
-def read_block_file(path: Path, fingerprint: str, block_hash: BlockHash, payload_nbytes: int) -> tuple[BlockFileHeader, bytearray]:
+def read_block_file(
+    path: Path, fingerprint: str, block_hash: BlockHash, payload_nbytes: int
+) -> tuple[BlockFileHeader, bytearray]:
     """Header and payload of a block file, verified end to end (``BlockFileError`` otherwise)."""
     try:
         with open(path, "rb") as f:

@@ -108,7 +108,8 @@ class TieredKV:
                 entry.expires_at = target[1]
                 to_disk.append((b, entry))
         if to_host:
-            done = self.copier.to_host([b.block_id for b, _ in to_host], self.host.storage, [e.slot for _, e in to_host])
+            ids, rows = [b.block_id for b, _ in to_host], [e.slot for _, e in to_host]
+            done = self.copier.to_host(ids, self.host.storage, rows)
             for _, e in to_host:
                 self.host.index.add(e)
                 self.host.landing(e.slot, done)
