@@ -221,6 +221,7 @@ class ReplicaCore:
                     cached_tokens=out.num_cached_tokens,
                     prefill_replica=remote.origin(rid) if remote is not None else LOCAL,
                     decode_replica=self.replica_id,
+                    cached_tokens_by_tier=out.cached_tokens_by_tier,
                 )
         except EngineDeadError as e:
             logger.error("request %s lost its decode engine: %r", rid, e)
@@ -268,6 +269,7 @@ class ReplicaCore:
             dtype=result.dtype,
             backend=result.backend,
             replica_id=self.replica_id,
+            cached_tokens_by_tier=final.cached_tokens_by_tier,
         )
 
     async def _finish_send(self, rid: str, handle: Any) -> None:
