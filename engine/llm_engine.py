@@ -347,6 +347,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_expired_blocks=self.pool.num_expired,
             num_evicted_blocks=self.pool.num_evicted,
+            kv_block_bytes=self.runner.kv_cache[:, :, 0].nbytes,
             prefix_cache_hits_by_tier=self.kv.hit_tokens_by_tier,
             tiers=self.tiers.stats() if self.tiers is not None else TierStats(),
         )

@@ -134,6 +134,8 @@ class EngineStats:
     # Cumulative cached blocks dropped at their TTL / evicted for room before it.
     num_expired_blocks: int = 0
     num_evicted_blocks: int = 0
+    # Bytes of one KV block (all layers, keys and values).
+    kv_block_bytes: int = 0
     # Cumulative prefix-cache hits split by tier (sums to prefix_cache_hits).
     prefix_cache_hits_by_tier: TokensByTier = field(default_factory=TokensByTier)
     # Host and disk tiers (all zero when the engine has none).
