@@ -334,7 +334,7 @@ class LLMEngine:
         s = self.scheduler
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=len(s.waiting) + len(s.promoting),
             num_waiting_for_remote_kv=len(s.remote_waiting),
             num_free_blocks=self.pool.num_free_blocks,
             num_total_blocks=self.pool.num_blocks,

@@ -114,6 +114,7 @@ class EngineStats:
     """A load snapshot for routers and metrics."""
 
     num_running: int = 0
+    # Queued, or waiting for their cached prefix to come back from the host or disk tier.
     num_waiting: int = 0
     num_waiting_for_remote_kv: int = 0
     num_free_blocks: int = 0

@@ -17,17 +17,15 @@ goes back to the head of the queue if one could not be read (then it is a plain 
 Decode role: a request flagged ``remote_prefill`` reserves blocks for its whole prompt
 and parks in ``WAITING_FOR_REMOTE_KV`` with a :class:`RemotePrefillPlan`, unless fewer than
 ``local_prefill_threshold`` of its tokens are uncached, in which case it prefills here.
-Only the device part of its cached prefix counts for the plan: blocks the remote prefill
-sends supersede any host or disk copy.
+Host and disk hits count as cached: they are promoted while the prefill replica computes
+the rest, and a request whose KV lands before its promotion is done waits for it.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_pool import KVBlock
 from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager, PrefixHit, PrefixState
 from engine.outputs import RemotePrefillPlan
@@ -139,7 +137,7 @@ class Scheduler:
             num_cached = len(cached) * self.block_size
             if req.remote_prefill:
                 if req.num_prompt_tokens - num_cached >= self.config.local_prefill_threshold:
-                    if not self._park_for_remote_kv(req, _on_device(cached), now):
+                    if not self._park_for_remote_kv(req, cached, now):
                         break
                     continue
                 req.remote_prefill = False
@@ -182,6 +180,7 @@ class Scheduler:
             if state == PrefixState.FAILED:
                 self.kv.free(req, now)
                 req.num_computed_tokens = 0
+                req.remote_prefill = False  # recompute here (it may already have its first token)
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
                 continue
@@ -254,6 +253,10 @@ class Scheduler:
         del self.remote_waiting[req.request_id]
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_full_blocks(req, now)
+        if self.kv.prefix_state(req) != PrefixState.READY:  # its promoted prefix is still copying
+            req.status = RequestStatus.WAITING_FOR_KV_PROMOTION
+            self.promoting[req.request_id] = req
+            return
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
@@ -266,7 +269,3 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-
-def _on_device(cached: PrefixHit) -> PrefixHit:
-    """The leading part of a prefix hit that is on the device already."""
-    return list(itertools.takewhile(lambda h: isinstance(h, KVBlock), cached))

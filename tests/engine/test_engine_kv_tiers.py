@@ -16,7 +16,7 @@ from engine.block_hash import hash_prompt_blocks
 from engine.kv_events import BlockStored, Tier
 from engine.kv_tiers.block_file import block_path
 from engine.kv_tiers.disk_tier import DiskTier
-from engine.outputs import TokensByTier
+from engine.outputs import RemotePrefillPlan, TokensByTier
 from engine.request import RequestStatus
 from tests.engine.conftest import hf_greedy
 from tests.engine.test_engine_lifecycle import FakeClock
@@ -156,4 +156,83 @@ def test_other_requests_keep_running_while_one_waits_for_its_disk_blocks(
         finished |= {o.request_id: o for o in eng.step() if o.finished}
     assert finished["waits"].token_ids == cold.token_ids
     assert finished["waits"].cached_tokens_by_tier == TokensByTier(disk=_cached(waiting))
+    eng.close()
+
+
+def test_a_decode_replica_promotes_its_disk_hit_while_the_rest_is_prefilled_remotely(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tiny_model_dir("llama"))
+    history, question = _prompts(14)
+    prompt = history + question
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, cache_ttl_s=3600.0)
+    expected = LLMEngine.from_pretrained(path, block_size=BS, num_kv_blocks=64).generate([prompt], greedy)[0]
+    clock = FakeClock()
+    pre = LLMEngine.from_pretrained(path, role="prefill", block_size=BS, num_kv_blocks=64)
+    dec = LLMEngine.from_pretrained(path, role="decode", clock=clock, block_size=BS, num_kv_blocks=64,
+                                    disk_kv_dir=str(tmp_path), device_ttl_s=60.0, local_prefill_threshold=8)
+
+    def remote(rid: str, ids: list[int]) -> RemotePrefillPlan:
+        """The decode side parks ``rid``; a prefill engine computes it and the KV lands."""
+        dec.add_request(rid, ids, greedy, remote_prefill=True)
+        dec.step()
+        (plan,) = dec.kv_transfer.take_plans()
+        pre.add_request(rid, ids, greedy, export_from_block=plan.first_block_index)
+        done = []
+        while pre.has_unfinished_requests():
+            done += [o for o in pre.step() if o.finished]
+        (final,) = done
+        buf = pre.kv_transfer.read_blocks(final.kv_export.block_ids)
+        pre.kv_transfer.release_export(rid)
+        dec.kv_transfer.write_blocks(plan.block_ids, buf)
+        dec.kv_transfer.complete(rid, final.token_ids[0])
+        return plan
+
+    remote("turn1", history)  # the decode replica caches the history's blocks...
+    while dec.has_unfinished_requests():
+        dec.step()
+    clock.now += 61.0  # ...which age onto disk
+    _settle(dec)
+    gate = threading.Event()
+    real_read = DiskTier._do_read
+    monkeypatch.setattr(DiskTier, "_do_read", lambda self, op: (gate.wait(30), real_read(self, op)))
+    plan = remote("turn2", prompt)
+    # Only the uncached tail went to the prefill replica; the KV landed first, the promotion is late.
+    assert plan.first_block_index == _cached(history) // BS
+    assert dec.scheduler.promoting["turn2"].status == RequestStatus.WAITING_FOR_KV_PROMOTION
+    gate.set()
+    outs = []
+    while dec.has_unfinished_requests():
+        outs += [o for o in dec.step() if o.finished]
+    (out,) = outs
+    assert out.token_ids == expected.token_ids
+    assert out.cached_tokens_by_tier == TokensByTier(disk=_cached(history))
+    dec.close()
+
+
+def test_aborting_a_request_that_waits_for_its_promotion_leaks_nothing(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tiny_model_dir("llama"))
+    prompt = _prompts(15)[0]
+    clock = FakeClock()
+    eng = LLMEngine.from_pretrained(path, clock=clock, block_size=BS, num_kv_blocks=64, disk_kv_dir=str(tmp_path),
+                                    device_ttl_s=60.0)
+    (cold,) = eng.generate([prompt], HOUR)
+    clock.now += 61.0
+    _settle(eng)
+    gate = threading.Event()
+    real_read = DiskTier._do_read
+    monkeypatch.setattr(DiskTier, "_do_read", lambda self, op: (gate.wait(30), real_read(self, op)))
+    eng.add_request("gone", prompt, HOUR)
+    eng.step()
+    assert eng.stats().num_waiting == 1 and "gone" in eng.scheduler.promoting
+    eng.abort("gone")
+    gate.set()
+    while eng.tiers.jobs:  # the copy finishes into blocks nobody holds any more
+        eng.step()
+    assert all(b.ref_cnt == 0 for b in eng.pool.blocks) and not eng.has_unfinished_requests()
+    (again,) = eng.generate([prompt], HOUR)  # the promoted blocks stayed cached on the device
+    assert again.token_ids == cold.token_ids
+    assert again.cached_tokens_by_tier == TokensByTier(device=_cached(prompt))
     eng.close()
