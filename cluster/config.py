@@ -148,6 +148,15 @@ class CacheConfig(_Strict):
             "anonymous tenant. none: every request shares one cache."
         ),
     )
+    min_cacheable_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Shortest prefix a cache breakpoint (Anthropic cache_control) may cache, in tokens: a "
+            "breakpoint before it gets no TTL of its own and reports no cache write. 0: any "
+            "breakpoint that covers at least one full KV block."
+        ),
+    )
 
 
 class TransportConfig(_Strict):
@@ -177,6 +186,15 @@ class HttpConfig(_Strict):
     )
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="Request bodies larger than this get 413 before they are parsed."
+    )
+
+
+class GrpcConfig(_Strict):
+    """The gRPC front (Serve's gRPC proxy, next to HTTP): ``kvferry.v1.Inference``, docs/grpc.md."""
+
+    port: int = Field(
+        9000, ge=0, le=65535,
+        description="Port of Serve's gRPC proxy (service kvferry.v1.Inference, reflection on); 0 turns gRPC off.",
     )
 
 
@@ -268,6 +286,7 @@ class ServeConfig(_Strict):
     )
     transport: TransportConfig = Field(default_factory=TransportConfig, description="KV transport.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP front and timeouts.")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC front (0 turns it off).")
     failover: FailoverConfig = Field(
         default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
     )

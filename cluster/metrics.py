@@ -82,9 +82,17 @@ REPLICA_CATALOG: tuple[MetricSpec, ...] = (
 
 # The ingress deployment's own: one count per HTTP answer, by status and kvferry error code
 # ("ok" for a success), so an error rate by code needs no log parsing.
+# Prompt-cache tokens per API surface and TTL class, once per finished request
+# (cluster.cache_usage: reads refresh the blocks' TTL; writes are the prompt's newly cached
+# full blocks). Surfaces: openai, anthropic, gemini, grpc; TTL classes: 5m, 1h, other.
 INGRESS_CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec("kvferry_api_requests_total", "counter", "API answers of the ingress, by HTTP status and error code.",
                ("route", "status", "code")),
+    MetricSpec("kvferry_prompt_cache_read_tokens_total", "counter",
+               "Prompt tokens served from the prompt cache, by API surface and TTL class.", ("surface", "ttl_class")),
+    MetricSpec("kvferry_prompt_cache_written_tokens_total", "counter",
+               "Prompt tokens newly written to the prompt cache, by API surface and TTL class.",
+               ("surface", "ttl_class")),
 )
 
 CATALOG: tuple[MetricSpec, ...] = REPLICA_CATALOG + INGRESS_CATALOG + ROUTER_CATALOG
@@ -198,6 +206,22 @@ class ReplicaMetrics:
         self._last["promotions"] = t.num_promotions
         for seconds in recent[len(recent) - new:]:
             g["kvferry_kv_promote_seconds"].observe(seconds)
+
+
+def cache_usage_recorder() -> Callable[[str, Any], None]:
+    """``(surface, CacheAccount) -> None`` counting one finished request's cache tokens
+    (inside a Serve replica; zero counts are skipped)."""
+    from ray.serve import metrics as m
+
+    read, written = (m.Counter(s.name, s.description, tag_keys=s.labels) for s in INGRESS_CATALOG[1:3])
+
+    def record(surface: str, account: Any) -> None:
+        for counter, by_class in ((read, account.read), (written, account.written)):
+            for ttl_class, tokens in by_class.items():
+                if tokens > 0:
+                    counter.inc(tokens, tags={"surface": surface, "ttl_class": ttl_class})
+
+    return record
 
 
 def ingress_answer_recorder() -> Callable[[str, str, str], None]:

@@ -221,6 +221,7 @@ class ReplicaCore:
                     cached_tokens=out.num_cached_tokens,
                     prefill_replica=remote.origin(rid) if remote is not None else LOCAL,
                     decode_replica=self.replica_id,
+                    stop_string=out.stop_string,
                     cached_tokens_by_tier=out.cached_tokens_by_tier,
                 )
         except EngineDeadError as e:

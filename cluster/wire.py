@@ -120,6 +120,8 @@ class StreamChunk:
     # Which replicas served the request ("local": the decode replica prefilled it).
     prefill_replica: str
     decode_replica: str
+    # The stop string that ended the request (finished chunk only; None: EOS or no stop).
+    stop_string: str | None = None
     # cached_tokens split by the KV tier the blocks came from.
     cached_tokens_by_tier: TokensByTier = TokensByTier()
 

@@ -53,6 +53,7 @@ def make_output(req: Request, kv_export: KVExport | None = None) -> RequestOutpu
         num_cached_tokens=max(req.num_cached_tokens, 0),
         cached_tokens_by_tier=req.cached_tokens_by_tier,
         kv_export=kv_export,
+        stop_string=checker.matched if finished else None,
     )
 
 

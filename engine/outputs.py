@@ -107,6 +107,8 @@ class RequestOutput:
     kv_export: KVExport | None = None
     # finish_reason "error": what failed for this request alone (a message, never a trace).
     error: str | None = None
+    # finish_reason "stop" on a stop string: which one (None for an end-of-sequence token).
+    stop_string: str | None = None
 
 
 @dataclass

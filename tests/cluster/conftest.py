@@ -31,16 +31,20 @@ def reference_engine(tiny_model: Path) -> Any:
 
 @contextmanager
 def deploy_app(app_name: str, settings: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Run ``ServeConfig(app_name=..., **settings)`` on a free loopback port; yield (url, config)."""
+    """Run ``ServeConfig(app_name=..., **settings)`` on a free loopback port; yield (url, config).
+
+    Serve's gRPC proxy starts too, on another free port (``config.grpc.port``), as
+    ``kvferry serve`` starts it: proxy options are fixed when Serve starts."""
     from ray import serve
 
     from cluster.app import build_app
     from cluster.config import ServeConfig
+    from cluster.grpc.options import grpc_options
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     http = {**settings.get("http", {}), "port": port}
-    cfg = ServeConfig.model_validate({**settings, "app_name": app_name, "http": http})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig.model_validate({**settings, "app_name": app_name, "http": http, "grpc": {"port": grpc_port}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
     serve.run(build_app(cfg), name=app_name, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}", cfg

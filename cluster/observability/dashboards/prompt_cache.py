@@ -1,6 +1,7 @@
 """The Prompt cache board: how much of each prompt the pools find cached, and why.
 
-Top: the engines' prefix caches (hit rate and cached tokens per pool). Middle: the KV
+Top: the engines' prefix caches (hit rate and cached tokens per pool), then the cache
+tokens read and written per API surface and TTL class (the ingress counts them). Middle: the KV
 blocks behind them by tier and state, and what drops them (TTL expiry against eviction for
 room: many capacity evictions mean the TTLs outlive the memory). Bottom: the routers' view,
 the directory that tells them where prefixes live and the reasons behind their decisions.
@@ -8,7 +9,7 @@ the directory that tells them where prefixes live and the reasons behind their d
 
 from __future__ import annotations
 
-from cluster.observability.dashboards.exprs import gauge, rate_sum, ratio, router_sel, serve_sel
+from cluster.observability.dashboards.exprs import gauge, ingress_sel, rate_sum, ratio, router_sel, serve_sel
 from cluster.observability.dashboards.spec import Board, Panel, Row, Target, describe
 from cluster.observability.promql import ROUTER_POOL_LABEL
 
@@ -27,6 +28,20 @@ def _hits() -> tuple[Panel, ...]:
               (Target(ratio(hits, queries), "{{deployment}}"),), max=1.0),
         Panel("Cached tokens/s", f"{describe(_HITS)} Against: {describe(_QUERIES)}", "suffix: tok/s",
               (Target(hits, "{{deployment}} cached"), Target(queries, "{{deployment}} looked up"))),
+    )
+
+
+def _surfaces() -> tuple[Panel, ...]:
+    read, written = "kvferry_prompt_cache_read_tokens_total", "kvferry_prompt_cache_written_tokens_total"
+    note = (" One line per API surface (openai, anthropic, gemini, grpc) and TTL class (5m, 1h, other), "
+            "counted by the ingress once per finished request.")
+    return (
+        Panel("Cache reads by API surface and TTL", describe(read) + note, "suffix: tok/s",
+              (Target(rate_sum(read, ingress_sel(), "surface", "ttl_class"), "{{surface}} {{ttl_class}}",
+                      pool_label=None),), stack=True, width=12),
+        Panel("Cache writes by API surface and TTL", describe(written) + note, "suffix: tok/s",
+              (Target(rate_sum(written, ingress_sel(), "surface", "ttl_class"), "{{surface}} {{ttl_class}}",
+                      pool_label=None),), stack=True, width=12),
     )
 
 
@@ -74,6 +89,7 @@ BOARD = Board(
                 "vs capacity evictions, the KV directory and the routers' decisions.",
     rows=(
         Row("Prefix cache", _hits()),
+        Row("Cache reads and writes by API surface", _surfaces()),
         Row("KV blocks", _blocks()),
         Row("Directory and routing", _routing()),
     ),
