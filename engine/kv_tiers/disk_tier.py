@@ -44,6 +44,9 @@ from engine.kv_tiers.tier_index import TierEntry, TierIndex
 logger = logging.getLogger(__name__)
 
 _READ, _WRITE = 0, 1  # queue priorities: reads first; writes and deletes in FIFO order
+# Blocks waiting to be written hold their bytes in memory; past this many bytes a demotion
+# to disk is refused (the block is dropped) rather than letting a slow disk eat the RAM.
+MAX_PENDING_WRITE_BYTES = 1 << 30
 
 
 @dataclass(eq=False)
@@ -98,6 +101,11 @@ class DiskTier:
     @property
     def nbytes(self) -> int:
         return sum(self._sizes.values())
+
+    @property
+    def backlogged(self) -> bool:
+        """Too many writes are still queued: take no more demotions for now."""
+        return len(self._writing) * self.block_nbytes >= MAX_PENDING_WRITE_BYTES
 
     # ------------------------------------------------------------- engine thread
     def load(self, now: float, lifetimes: TierLifetimes) -> list[TierEntry]:

@@ -102,7 +102,7 @@ class TieredKV:
                     to_host.append((b, entry))
                     continue
                 target = self.lifetimes.demotion_target(Tier.HOST, b.last_used_at, b.ttl_s, now)
-            if target is None:
+            if target is None or self.disk.backlogged:
                 dropped.append(b.block_hash)
             else:
                 entry.expires_at = target[1]
@@ -140,7 +140,7 @@ class TieredKV:
         moved, dropped = [], []
         for e in entries:
             target = self.lifetimes.demotion_target(Tier.HOST, e.last_used_at, e.ttl_s, now)
-            if target is None:
+            if target is None or self.disk.backlogged:
                 dropped.append(e.block_hash)
             else:
                 payload = self.host.read_row(e.slot)

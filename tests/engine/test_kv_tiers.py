@@ -145,3 +145,27 @@ def test_host_rows_must_hold_a_block() -> None:
     with pytest.raises(ValueError, match="holds no KV block"):
         build_tiers(EngineConfig(host_kv_bytes=100), pool, torch.zeros((L, 2, 4, BS, H, D)), torch.nn.Linear(2, 2),
                     "m", 0.0)
+
+
+def test_a_disk_that_falls_behind_gets_no_more_demotions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from engine.kv_tiers import disk_tier
+
+    tiers = make_tiers(tmp_path, num_blocks=2, host_rows=0)
+    gate = threading.Event()
+    real_write = disk_tier.DiskTier._do_write
+    monkeypatch.setattr(disk_tier.DiskTier, "_do_write", lambda self, op: (gate.wait(30), real_write(self, op)))
+    monkeypatch.setattr(disk_tier, "MAX_PENDING_WRITE_BYTES", 2 * tiers.disk.block_nbytes)
+    store(tiers, [51, 52], now=0.0, ttl=3600.0)
+    tiers.pool.allocate(2, now=1.0)  # both go to disk (the writes are stuck behind the gate)
+    tiers.pool.free(tiers.pool.blocks, now=1.0)
+    store(tiers, [53, 54], now=2.0, ttl=3600.0)
+    tiers.pool.take_events()
+    tiers.pool.allocate(2, now=3.0)  # two writes already wait: these are dropped, not queued
+    assert events(tiers) == [BlockRemoved((54, 53))]
+    gate.set()
+    assert tiers.disk.flush()
+    tiers.poll(4.0)
+    assert set(tiers.disk.index.entries) == {51, 52} and not tiers.disk.backlogged
+    tiers.close()
