@@ -90,6 +90,8 @@ class DiskTier:
         # Bytes of this engine's files (header included), per block, for metrics.
         self._sizes: dict[BlockHash, int] = {}
         self._writing: dict[BlockHash, DiskOp] = {}
+        # IO thread: bytes of deleted files not yet given back to the budget.
+        self._released = 0
         self._ops: queue.PriorityQueue[tuple[int, int, DiskOp | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._results: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -218,13 +220,23 @@ class DiskTier:
     def _submit(self, priority: int, op: DiskOp) -> None:
         self._ops.put((priority, next(self._seq), op))
 
-    def _unlink_now(self, path: Path) -> None:
+    def _unlink_now(self, path: Path, defer: bool = False) -> None:
+        """Delete a block file and give its bytes back to the budget (``defer``: the IO
+        thread batches the give-back, one locked update when its queue runs dry)."""
         try:
             size = path.stat().st_size
             path.unlink()
-            self.budget.release(size)
         except FileNotFoundError:
-            pass
+            return
+        if defer:
+            self._released += size  # counted as used a little longer: only ever conservative
+        else:
+            self.budget.release(size)
+
+    def _flush_released(self) -> None:
+        if self._released:
+            self.budget.release(self._released)
+            self._released = 0
 
     def _run(self) -> None:
         while True:
@@ -241,10 +253,13 @@ class DiskTier:
                 op.finished.set()
                 if op.kind == "read":
                     self.wake.set()
+            if self._ops.empty():
+                self._flush_released()
 
     def _do_write(self, op: DiskOp) -> None:
         if op.cancelled:
             return
+        self._flush_released()  # the budget check below sees every deletion so far
         old = 0
         with self.budget.reserving(op.header.file_nbytes()) as evicted:
             if evicted:
@@ -263,13 +278,13 @@ class DiskTier:
         except BlockFileError as e:
             if op.path.exists():
                 logger.warning("disk KV tier: removing %s: %s", op.path, e)
-            self._unlink_now(op.path)
+            self._unlink_now(op.path, defer=True)
             return  # payload stays None: a miss
-        self._unlink_now(op.path)
+        self._unlink_now(op.path, defer=True)
         op.payload = torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype).view(self.block_shape)
 
     def _do_delete(self, op: DiskOp) -> None:
-        self._unlink_now(op.path)
+        self._unlink_now(op.path, defer=True)
 
     def _do_barrier(self, op: DiskOp) -> None:
         pass  # everything queued before it is done
