@@ -101,7 +101,7 @@ async def _request_id(request: Request, call_next: Any) -> Any:
 
 
 def _usage(last: StreamChunk) -> Usage:
-    return Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+    return Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.cached_tokens_by_tier)
 
 
 def _api_key(request: Request) -> str | None:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.inference import CacheMark, ChatTurn, InferenceRequest
+from engine.outputs import TokensByTier
 
 # A positive duration ("24h", "1h", "5m", "90s", "0.5d"; zero is not one) or a keyword for
 # the default TTL. The schema carries this pattern, so what it accepts the server accepts.
@@ -197,6 +198,20 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CachedTokensByTier(BaseModel):
+    """Where the cached prompt tokens were found; the three add up to ``cached_tokens``."""
+
+    device: int = Field(0, description="Tokens whose KV was already in accelerator (or CPU engine) memory.")
+    host: int = Field(0, description="Tokens whose KV came back from the host-memory tier.")
+    disk: int = Field(0, description="Tokens whose KV came back from the local-disk tier.")
+
+
+class KvferryUsage(BaseModel):
+    """kvferry's extension of ``usage`` (clients that do not know it ignore it)."""
+
+    cached_tokens_by_tier: CachedTokensByTier = Field(default_factory=CachedTokensByTier)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -206,9 +221,13 @@ class Usage(BaseModel):
     # DeepSeek's names for the same split: hit + miss = prompt_tokens.
     prompt_cache_hit_tokens: int = 0
     prompt_cache_miss_tokens: int = 0
+    kvferry: KvferryUsage = Field(default_factory=KvferryUsage, description="kvferry's extension: the KV tiers.")
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           by_tier: TokensByTier | None = None) -> Usage:
+        """``by_tier``: the engine's split of ``cached_tokens`` (None: all from the device)."""
+        split = by_tier if by_tier is not None else TokensByTier(device=cached_tokens)
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -216,6 +235,8 @@ class Usage(BaseModel):
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
             prompt_cache_hit_tokens=cached_tokens,
             prompt_cache_miss_tokens=prompt_tokens - cached_tokens,
+            kvferry=KvferryUsage(cached_tokens_by_tier=CachedTokensByTier(
+                device=split.device, host=split.host, disk=split.disk)),
         )
 
 

@@ -229,6 +229,7 @@ class ReplicaCore:
                     prefill_replica=remote.origin(rid) if remote is not None else LOCAL,
                     decode_replica=self.replica_id,
                     stop_string=out.stop_string,
+                    cached_tokens_by_tier=out.cached_tokens_by_tier,
                 )
         except EngineDeadError as e:
             logger.error("request %s lost its decode engine: %r", rid, e)
@@ -276,6 +277,7 @@ class ReplicaCore:
             dtype=result.dtype,
             backend=result.backend,
             replica_id=self.replica_id,
+            cached_tokens_by_tier=final.cached_tokens_by_tier,
         )
 
     async def _finish_send(self, rid: str, handle: Any) -> None:

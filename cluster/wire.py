@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.transport.base import TransportEndpoint
-from engine.outputs import EngineStats
+from engine.outputs import EngineStats, TokensByTier
 from engine.sampling_params import SamplingParams
 
 # Machine-readable error codes (production-stack style: "503 PREFILL_POOL_UNAVAILABLE: ...").
@@ -137,6 +137,8 @@ class StreamChunk:
     pin_refusal: str | None = None
     # The stop string that ended the request (finished chunk only; None: EOS or no stop).
     stop_string: str | None = None
+    # cached_tokens split by the KV tier the blocks came from.
+    cached_tokens_by_tier: TokensByTier = TokensByTier()
 
 
 # What a decode replica's stream yields: chunks, or one error and nothing after it.
@@ -173,6 +175,8 @@ class PrefillResult:
     # The transport backend carrying the KV ("gloo", "nccl", "cuda_ipc").
     backend: str
     replica_id: str
+    # num_cached_tokens split by the KV tier the prefill replica found the blocks in.
+    cached_tokens_by_tier: TokensByTier = TokensByTier()
 
 
 @dataclass(frozen=True)
@@ -281,13 +285,14 @@ class LandRemoteKV:
     buffer: Any  # torch.Tensor (L, 2, n, block_size, H_kv, D)
     first_token_id: int
     num_cached_tokens: int
+    cached_tokens_by_tier: TokensByTier | None = None
 
     def apply(self, engine: Any) -> bool:
         kv = engine.kv_transfer
         if not kv.is_waiting(self.request_id):
             return False
         kv.write_blocks(list(self.block_ids), self.buffer)
-        kv.complete(self.request_id, self.first_token_id, self.num_cached_tokens)
+        kv.complete(self.request_id, self.first_token_id, self.num_cached_tokens, self.cached_tokens_by_tier)
         return True
 
 

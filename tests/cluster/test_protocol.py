@@ -105,3 +105,14 @@ def test_kvferry_error_survives_pickling() -> None:
 
     e = pickle.loads(pickle.dumps(ApiError(503, "no prefill", code="PREFILL_POOL_UNAVAILABLE")))
     assert e.status_code == 503 and e.code == "PREFILL_POOL_UNAVAILABLE" and e.type == "service_unavailable"
+
+
+def test_usage_carries_the_cached_tokens_split_by_tier() -> None:
+    from cluster.protocol import Usage
+    from engine.outputs import TokensByTier
+
+    u = Usage.of(100, 5, 48, TokensByTier(device=16, host=16, disk=16)).model_dump()
+    assert u["prompt_tokens_details"] == {"cached_tokens": 48}  # the total, as OpenAI defines it
+    assert u["kvferry"] == {"cached_tokens_by_tier": {"device": 16, "host": 16, "disk": 16}}
+    # Without a split (an older replica), every cached token counts as a device hit.
+    assert Usage.of(10, 1, 8).model_dump()["kvferry"]["cached_tokens_by_tier"] == {"device": 8, "host": 0, "disk": 0}
