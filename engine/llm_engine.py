@@ -87,6 +87,8 @@ class LLMEngine:
             cuda_graph_max_batch=config.cuda_graph_max_batch,
             fused_kernels=config.fused_kernels,
             prefill_attention=config.prefill_attention,
+            cpu_linear=config.cpu_linear,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
         self.kv_transfer = KVTransfer(
             self.scheduler,

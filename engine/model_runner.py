@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
-from engine.config import AttentionBackendName, EngineConfig, FusedKernels, PrefillAttention
+from engine.config import AttentionBackendName, CpuLinear, EngineConfig, FusedKernels, PrefillAttention
 from engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes, use_cuda_graphs
 from engine.forward_context import ForwardContext
+from engine.models.linear_setup import LinearPlan, setup_cpu_linears
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 
@@ -86,8 +87,14 @@ class ModelRunner:
         cuda_graph_max_batch: int = 64,
         fused_kernels: FusedKernels = "off",
         prefill_attention: PrefillAttention = "auto",
+        cpu_linear: CpuLinear = "dense",
+        max_num_batched_tokens: int = 512,
     ) -> None:
         self.model = model
+        # Before anything runs the model: packing may drop the dense weights.
+        self.linear_plan: LinearPlan = setup_cpu_linears(
+            model, cpu_linear, device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
         self.block_size = block_size
         self.device = device
         self.backend = get_attention_backend(attention_backend, prefill_attention=prefill_attention)
