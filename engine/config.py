@@ -85,6 +85,11 @@ class EngineConfig(BaseModel):
         '(F.linear on the checkpoint layout) or "auto" (times both, and MKL on a transposed layout, on the '
         "model's shapes at load and picks per shape; logged). Ignored on CUDA.",
     )
+    compile: bool = Field(
+        False,
+        description="CPU: run the model forward through torch.compile (inductor; attention and oneDNN "
+        "linears stay opaque ops). The first steps pay the compile (logged; cached on disk). Needs a C++ compiler.",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads for this engine; None leaves torch's default.")
     cache_dir: str | None = Field(
         None, description="Where GGUF files are converted to; None = ~/.cache/kvferry (or $KVFERRY_CACHE_DIR)."

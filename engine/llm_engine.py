@@ -89,6 +89,7 @@ class LLMEngine:
             prefill_attention=config.prefill_attention,
             cpu_linear=config.cpu_linear,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            compile_model=config.compile,
         )
         self.kv_transfer = KVTransfer(
             self.scheduler,

@@ -128,12 +128,25 @@ def time_shape(
     batch_sizes: Iterable[int],
     packed: dict[int, torch.Tensor],
 ) -> dict[LinearKernel, dict[int, float]]:
-    """ms per call of each kind at each M; candidates interleaved so load swings hit all alike."""
+    """ms per call of each kind at each M; candidates interleaved so load swings hit all alike.
+
+    ``packed`` collects the oneDNN copies made on the way (keyed by ``id`` of the weight),
+    so the ones kept need not be packed twice.
+    """
     out_f, in_f = weights[0].shape
-    per_mod = weights[0].numel() * weights[0].element_size()
-    n = max(1, min(len(weights), -(-STREAM_BYTES // per_mod)))
+    per_row = in_f * weights[0].element_size()
+    n = max(1, min(len(weights), -(-STREAM_BYTES // (per_row * out_f))))
+    weights, biases = list(weights[:n]), list(biases[:n])
+    scale = 1.0
+    if n == 1 and out_f * per_row > STREAM_BYTES:
+        # One matrix larger than a pass (an lm_head): time its first rows and scale up.
+        rows = max(1, STREAM_BYTES // per_row)
+        scale = out_f / rows
+        weights = [weights[0][:rows]]
+        biases = [None if biases[0] is None else biases[0][:rows]]
+        packed = {}  # a slice's packed copy is of no use later
     ms: dict[LinearKernel, dict[int, float]] = {k: {} for k in kinds}
-    store = {k: [_storage(k, w, packed) for w in weights[:n]] for k in kinds}
+    store = {k: [_storage(k, w, packed) for w in weights] for k in kinds}
     for m in batch_sizes:
         # A prefill-sized M is compute-bound: one module shows its speed, cache or not.
         count = n if m <= DECODE_BATCH * 4 else 1
@@ -145,7 +158,7 @@ def time_shape(
                 if rep:  # the first round warms caches and oneDNN's primitive cache
                     best[k] = min(best[k], dt)
         for k in kinds:
-            ms[k][m] = best[k] * 1e3
+            ms[k][m] = best[k] * 1e3 * scale
     return ms
 
 

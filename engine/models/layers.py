@@ -52,9 +52,13 @@ class Linear(nn.Module):
         # oneDNN's blocked copy of the weight (kernel "onednn"); an attribute, not a
         # parameter: it is opaque, never saved, never moved.
         self.packed: torch.Tensor | None = None
+        # Its key for the compiled forward's ``kvferry::onednn_linear`` op (set when compiling).
+        self.pack_key = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
         if self.packed is not None:
+            if torch.compiler.is_compiling():  # opaque to the compiler: see engine.models.compiled
+                return torch.ops.kvferry.onednn_linear(x, self.pack_key, self.bias)
             return onednn_linear(x, self.packed, self.bias)
         assert self.weight is not None
         return run_kernel(self.kernel, x, self.weight, self.bias)

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 CpuLinear = Literal["auto", "onednn", "dense"]
 
+# Seconds of timing after which the shapes left take the kernel that won most (a quiet
+# 2-core box times the default model's five shapes in about a second).
+CALIBRATION_BUDGET_S = 3.0
+
 
 @dataclass
 class LinearPlan:
@@ -44,10 +48,16 @@ class LinearPlan:
     shapes: list[ShapeTiming] = field(default_factory=list)
     seconds: float = 0.0
     note: str = ""
+    # Shapes (in, out) left untimed because the timing ran over CALIBRATION_BUDGET_S.
+    untimed: list[tuple[int, int]] = field(default_factory=list)
 
     def summary(self) -> str:
         used = ", ".join(f"{n} {k}" for k, n in sorted(self.kernels.items()))
-        extra = f"; {self.note}" if self.note else ""
+        notes = [self.note] if self.note else []
+        if self.untimed:
+            notes.append(f"over the {CALIBRATION_BUDGET_S:g} s budget, untimed shapes {self.untimed} "
+                         "took the kernel that won most")
+        extra = "".join(f"; {n}" for n in notes)
         return f"cpu_linear={self.setting}: {used} linears ({self.seconds:.2f} s){extra}"
 
 
@@ -105,12 +115,20 @@ def _calibrate(
         groups.setdefault((m.in_features, m.out_features, m is model.lm_head), []).append(m)
     packed: dict[int, torch.Tensor] = {}  # oneDNN copies made while timing, reused if chosen
     choice: dict[Linear, LinearKernel] = {}
-    for (in_f, out_f, head), mods in groups.items():
+    wins: Counter[LinearKernel] = Counter()
+    t0 = time.perf_counter()
+    # Largest shapes first: they matter most if the budget cuts the timing short.
+    for (in_f, out_f, head), mods in sorted(groups.items(), key=lambda g: -g[0][0] * g[0][1] * len(g[1])):
+        if time.perf_counter() - t0 > CALIBRATION_BUDGET_S and wins:
+            # A loaded machine makes every pass slow: finish with the kernel that won most.
+            kind = wins.most_common(1)[0][0]
+            choice.update(dict.fromkeys(mods, kind))
+            plan.untimed.append((in_f, out_f))
+            continue
         sizes = calibration_batch_sizes(max_num_seqs, max_num_batched_tokens, head)
-        ms = time_shape(
-            [m.out_weight() for m in mods], [m.bias for m in mods], kinds, sizes, packed
-        )
+        ms = time_shape([m.out_weight() for m in mods], [m.bias for m in mods], kinds, sizes, packed)
         timing = ShapeTiming(in_f, out_f, len(mods), ms, pick(ms))
         plan.shapes.append(timing)
+        wins[timing.choice] += len(mods)
         choice.update(dict.fromkeys(mods, timing.choice))
     model.use_linear_kernels(choice, packed)

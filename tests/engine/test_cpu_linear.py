@@ -97,6 +97,14 @@ def test_auto_times_every_shape_and_picks_a_candidate(caplog: pytest.LogCaptureF
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_over_budget_the_untimed_shapes_take_the_most_common_winner(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_setup, "CALIBRATION_BUDGET_S", 0.0)
+    model, _ = _model("qwen2")
+    plan = setup_cpu_linears(model, "auto", CPU, max_num_seqs=2, max_num_batched_tokens=8)
+    assert len(plan.shapes) == 1 and len(plan.untimed) == 4  # the largest shape only
+    assert set(plan.kernels) == {plan.shapes[0].choice} and "budget" in plan.summary()
+
+
 def test_without_onednn_auto_falls_back_and_onednn_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linear_setup, "onednn_unavailable_reason", lambda dtype: "no mkldnn in this build")
     model, _ = _model("tied")
