@@ -18,6 +18,7 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 AttentionBackendName = Literal["torch", "triton", "flash_attn"]
 FusedKernels = Literal["auto", "on", "off"]
 PrefillAttention = Literal["auto", "triton", "sdpa"]
+CpuLinear = Literal["auto", "onednn", "dense"]
 
 
 class EngineConfig(BaseModel):
@@ -104,6 +105,17 @@ class EngineConfig(BaseModel):
         "auto",
         description='Prefill path of the triton backend: "triton" (the varlen paged kernel), "sdpa" (torch '
         'SDPA for chunks with no cached prefix, the kernel for the rest) or "auto" (sdpa on CUDA).',
+    )
+    cpu_linear: CpuLinear = Field(
+        "auto",
+        description='How linear layers multiply on CPU: "onednn" (weights packed once for oneDNN), "dense" '
+        '(F.linear on the checkpoint layout) or "auto" (times both, and MKL on a transposed layout, on the '
+        "model's shapes at load and picks per shape; logged). Ignored on CUDA.",
+    )
+    compile: bool = Field(
+        False,
+        description="CPU: run the model forward through torch.compile (inductor; attention and oneDNN "
+        "linears stay opaque ops). The first steps pay the compile (logged; cached on disk). Needs a C++ compiler.",
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads for this engine; None leaves torch's default.")
     cache_dir: str | None = Field(

@@ -111,6 +111,9 @@ class LLMEngine:
             cuda_graph_max_batch=self.config.cuda_graph_max_batch,
             fused_kernels=self.config.fused_kernels,
             prefill_attention=self.config.prefill_attention,
+            cpu_linear=self.config.cpu_linear,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            compile_model=self.config.compile,
         )
 
     @classmethod
