@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.conftest import release_serve
 from tests.conftest import free_port
 
 TTL_S = 4.0
@@ -52,6 +53,9 @@ def _wait_serving(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
 
 @pytest.fixture(scope="session")
 def default_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultServer]:
+    # `kvferry serve` starts Serve with its own HTTP port: a Serve instance the cluster tests
+    # left running would keep its own port instead.
+    release_serve()
     work = tmp_path_factory.mktemp("default-server")
     port = free_port()
     config = {
