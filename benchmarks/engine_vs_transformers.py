@@ -1,13 +1,17 @@
 """Engine throughput and TTFT vs transformers ``generate`` on the same weights, same run.
 
-Workloads (default model, fp32, greedy, CPU unless --device):
+Workloads (default model, fp32, greedy, CPU):
   (a) 16 requests x (128 prompt tokens, 64 generated, ignore_eos)   target >= 1.25x
+      transformers, >= 1.2x vLLM's CPU build
   (b) 32 requests, 128 prompt tokens, generated lengths spread 8..256 target >= 2x
       (transformers batches statically, so it runs every row to the longest length;
       both sides are credited only the tokens each request asked for)
   (c) time to first token of a 1,024-token prompt, cold vs fully cached (target >= 5x)
 
-Prints a table with the ratios and writes JSON to --out (default results/engine_bench.json).
+With ``--vllm-python`` (the venv of /work/shared/peers/setup_vllm_cpu.sh; never in CI)
+(a) and (b) also run on vLLM's CPU build in its own process (``benchmarks/vllm_peer.py``),
+same token ids, fp32, all ``--threads`` cores bound. Prints a table with the ratios and
+writes JSON to --out (default results/engine_bench.json), with the CPU model and ISA.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import platform
 import random
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,19 +77,37 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each timing")
     ap.add_argument("--out", type=Path, default=Path("results/engine_bench.json"))
+    ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an EngineConfig field for kvferry, e.g. cpu_linear=dense (repeatable)")
+    ap.add_argument("--vllm-python", help="python of a vLLM CPU venv: also run (a) and (b) on vLLM")
+    ap.add_argument("--vllm-model", default="/tmp/smollm2-hf", help="the same weights as an HF directory, for vLLM")
+    ap.add_argument("--vllm-bind", help='VLLM_CPU_OMP_THREADS_BIND (default "0-<threads-1>": all cores)')
     return ap.parse_args()
 
 
-def _load_both(model: str) -> tuple[LLMEngine, Any]:
+def _engine_options(pairs: list[str]) -> dict[str, str]:
+    """``["cpu_linear=dense"]`` -> ``{"cpu_linear": "dense"}`` (EngineConfig validates the values)."""
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-option wants KEY=VALUE, got {pair!r}")
+        opts[key] = value
+    return opts
+
+
+def _load_both(model: str, options: dict[str, str]) -> tuple[LLMEngine, Any, float]:
     """Our engine and transformers' model on the same local weights (fp32, eval mode)."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     from engine.loader import resolve_model_path  # noqa: PLC0415
 
     path = resolve_model_path(model)
-    eng = LLMEngine.from_pretrained(model)
+    t = time.perf_counter()
+    eng = LLMEngine.from_pretrained(model, **options)
+    load_s = time.perf_counter() - t
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-    return eng, hf
+    return eng, hf, load_s
 
 
 def _throughput(tokens: int, ours: float, theirs: float, target: float) -> dict[str, float]:
@@ -94,22 +117,23 @@ def _throughput(tokens: int, ours: float, theirs: float, target: float) -> dict[
             "speedup": theirs / ours, "target": target}
 
 
-def _workload_uniform(eng: LLMEngine, hf: Any, vocab: int, best: Best) -> dict[str, float]:
-    """(a) 16 requests x (128 prompt tokens, 64 generated)."""
-    pa = _prompts(16, 128, vocab, 1)
-    ours = best(lambda: _engine_generate(eng, pa, [64] * 16))
-    theirs = best(lambda: _hf_generate(hf, pa, 64))
-    return _throughput(16 * 64, ours, theirs, 1.25)
+def _workload_inputs(vocab: int) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """(a) and (b) as token ids and generated lengths, the same for every system."""
+    lengths_b = [round(8 + (256 - 8) * i / 31) for i in range(32)]
+    random.Random(3).shuffle(lengths_b)
+    return {
+        "a_uniform": (_prompts(16, 128, vocab, 1), [64] * 16),
+        "b_spread": (_prompts(32, 128, vocab, 2), lengths_b),
+    }
 
 
-def _workload_spread(eng: LLMEngine, hf: Any, vocab: int, best: Best) -> dict[str, float]:
-    """(b) 32 requests, generated lengths spread 8..256; transformers runs all to the longest."""
-    pb = _prompts(32, 128, vocab, 2)
-    lengths = [round(8 + (256 - 8) * i / 31) for i in range(32)]
-    random.Random(3).shuffle(lengths)
-    ours = best(lambda: _engine_generate(eng, pb, lengths))
-    theirs = best(lambda: _hf_generate(hf, pb, max(lengths)))
-    return _throughput(sum(lengths), ours, theirs, 2.0)
+def _workload_throughput(eng: LLMEngine, hf: Any, inputs: tuple[list[list[int]], list[int]], best: Best,
+                         target: float) -> dict[str, float]:
+    """(a) or (b): transformers runs every row to the longest length (static batching)."""
+    prompts, lengths = inputs
+    ours = best(lambda: _engine_generate(eng, prompts, lengths))
+    theirs = best(lambda: _hf_generate(hf, prompts, max(lengths)))
+    return _throughput(sum(lengths), ours, theirs, target)
 
 
 def _workload_ttft(eng: LLMEngine, hf: Any, vocab: int, best: Best, repeats: int) -> dict[str, float]:
@@ -125,23 +149,68 @@ def _workload_ttft(eng: LLMEngine, hf: Any, vocab: int, best: Best, repeats: int
     return {"cold_s": cold, "cached_s": cached, "transformers_s": hf_ttft, "speedup": cold / cached, "target": 5.0}
 
 
-def _meta(eng: LLMEngine) -> dict[str, str]:
+def _run_vllm(args: argparse.Namespace, inputs: dict[str, tuple[list[list[int]], list[int]]],
+              warm: list[list[int]]) -> dict[str, Any]:
+    """(a) and (b) on vLLM's CPU build, in its own venv and process (benchmarks/vllm_peer.py)."""
+    bind = args.vllm_bind or f"0-{args.threads - 1}"
+    spec = {"model": args.vllm_model, "threads_bind": bind, "repeats": args.repeats,
+            "warmup": {"prompts": warm, "lengths": [4] * len(warm)},
+            "workloads": {k: {"prompts": p, "lengths": n} for k, (p, n) in inputs.items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_file.write_text(json.dumps(spec))
+        peer = Path(__file__).with_name("vllm_peer.py")
+        subprocess.run([args.vllm_python, str(peer), str(spec_file), str(out_file)], check=True)
+        times = json.loads(out_file.read_text())
+    return {"version": times.pop("version"), "threads_bind": bind, "seconds": times}
+
+
+def _add_vllm(results: dict[str, dict], vllm: dict[str, Any]) -> None:
+    """Put vLLM's tok/s beside each throughput row, with kvferry's ratio over it."""
+    for name, seconds in vllm["seconds"].items():
+        row = results[name]
+        row["vllm_s"] = seconds
+        row["vllm_tok_s"] = row["tokens"] / seconds
+        row["vs_vllm"] = seconds / row["kvferry_s"]
+    results["a_uniform"]["target_vs_vllm"] = 1.2
+
+
+def _cpu() -> dict[str, str]:
+    """The CPU model and its vector ISA flags, as lscpu reports them."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    isa = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+    return {"cpu_model": fields.get("Model name", "?").strip(), "isa": " ".join(isa)}
+
+
+def _meta(eng: LLMEngine, load_s: float) -> dict[str, Any]:
     return {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        **_cpu(),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "model": eng.model_id,
+        "engine_load_s": round(load_s, 2),
+        "cpu_linear": eng.runner.linear_plan.summary(),
     }
 
 
-def _print_table(meta: dict[str, str], results: dict[str, dict]) -> None:
-    print(f"kvferry engine vs transformers generate ({meta['model']}, fp32, {meta['machine']})")
-    print(f"{'workload':<16}{'kvferry':>14}{'transformers':>16}{'ratio':>9}{'target':>9}")
+def _print_table(meta: dict[str, Any], results: dict[str, dict]) -> None:
+    print(f"kvferry engine vs transformers generate ({meta['model']}, fp32, {meta['cpu_model']}, {meta['machine']})")
+    print(f"  {meta['cpu_linear']}; engine load {meta['engine_load_s']} s")
+    vllm = "vllm_s" in results["a_uniform"]
+    print(f"{'workload':<16}{'kvferry':>14}{'transformers':>16}{'ratio':>9}{'target':>9}"
+          + (f"{'vLLM':>14}{'ratio':>9}{'target':>9}" if vllm else ""))
     for name in ("a_uniform", "b_spread"):
         r = results[name]
-        print(f"{name:<16}{r['kvferry_tok_s']:>10.1f} t/s{r['transformers_tok_s']:>12.1f} t/s"
-              f"{r['speedup']:>8.2f}x{r['target']:>8.2f}x")
+        line = (f"{name:<16}{r['kvferry_tok_s']:>10.1f} t/s{r['transformers_tok_s']:>12.1f} t/s"
+                f"{r['speedup']:>8.2f}x{r['target']:>8.2f}x")
+        if vllm:
+            target = f"{r['target_vs_vllm']:>8.2f}x" if "target_vs_vllm" in r else f"{'-':>9}"
+            line += f"{r['vllm_tok_s']:>10.1f} t/s{r['vs_vllm']:>8.2f}x{target}"
+        print(line)
     r = results["c_ttft_1024"]
     print(f"{'c_ttft cold':<16}{r['cold_s'] * 1e3:>11.0f} ms{r['transformers_s'] * 1e3:>13.0f} ms")
     print(f"{'c_ttft cached':<16}{r['cached_s'] * 1e3:>11.0f} ms{'':>16}{r['speedup']:>8.2f}x{r['target']:>8.2f}x")
@@ -150,9 +219,10 @@ def _print_table(meta: dict[str, str], results: dict[str, dict]) -> None:
 def main() -> None:
     args = _parse_args()
     torch.set_num_threads(args.threads)
-    eng, hf = _load_both(args.model)
+    eng, hf, load_s = _load_both(args.model, _engine_options(args.engine_option))
     vocab = eng.model_config.vocab_size
     best: Best = lambda f: min(f() for _ in range(args.repeats))  # noqa: E731
+    inputs = _workload_inputs(vocab)
 
     # Warm-up both (first calls allocate and pick kernels).
     warm = _prompts(2, 32, vocab, 99)
@@ -160,11 +230,16 @@ def main() -> None:
     _hf_generate(hf, warm, 4)
 
     results: dict[str, dict] = {
-        "a_uniform": _workload_uniform(eng, hf, vocab, best),
-        "b_spread": _workload_spread(eng, hf, vocab, best),
+        "a_uniform": _workload_throughput(eng, hf, inputs["a_uniform"], best, 1.25),
+        "b_spread": _workload_throughput(eng, hf, inputs["b_spread"], best, 2.0),
         "c_ttft_1024": _workload_ttft(eng, hf, vocab, best, args.repeats),
     }
-    meta = _meta(eng)
+    meta = _meta(eng, load_s)
+    if args.vllm_python:
+        del eng, hf  # vLLM's process gets the memory (and the cores) to itself
+        vllm = _run_vllm(args, inputs, warm)
+        _add_vllm(results, vllm)
+        meta["vllm"] = f"vllm-cpu {vllm['version']}, VLLM_CPU_OMP_THREADS_BIND={vllm['threads_bind']}"
     _print_table(meta, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -7,17 +7,21 @@ so that a list of blocks can be gathered for transfer in one indexing op.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
-from engine.config import AttentionBackendName, EngineConfig, FusedKernels, PrefillAttention
+from engine.config import AttentionBackendName, CpuLinear, EngineConfig, FusedKernels, PrefillAttention
 from engine.cuda_graph import DecodeGraphRunner, graph_batch_sizes, use_cuda_graphs
 from engine.forward_context import ForwardContext
+from engine.models.linear_setup import LinearPlan, setup_cpu_linears
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.models.compiled import CompiledForward
 
 # kernels/ is imported lazily, inside the functions that launch kernels: importing triton
 # fixes its compiled-vs-interpreted mode for the whole process (TRITON_INTERPRET), and the
@@ -86,8 +90,15 @@ class ModelRunner:
         cuda_graph_max_batch: int = 64,
         fused_kernels: FusedKernels = "off",
         prefill_attention: PrefillAttention = "auto",
+        cpu_linear: CpuLinear = "dense",
+        max_num_batched_tokens: int = 512,
+        compile_model: bool = False,
     ) -> None:
         self.model = model
+        # Before anything runs the model: packing may drop the dense weights.
+        self.linear_plan: LinearPlan = setup_cpu_linears(
+            model, cpu_linear, device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
         self.block_size = block_size
         self.device = device
         self.backend = get_attention_backend(attention_backend, prefill_attention=prefill_attention)
@@ -97,6 +108,12 @@ class ModelRunner:
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.sampler = Sampler()
+        # torch.compile of the forward (CPU only: CUDA steps use CUDA graphs instead).
+        self.compiled: CompiledForward | None = None
+        if compile_model and device.type == "cpu":
+            from engine.models.compiled import CompiledForward  # noqa: PLC0415 - registers ops, only if used
+
+            self.compiled = CompiledForward(model)
         # Decode-only steps replay CUDA graphs (engine.cuda_graph) when enabled; captured
         # now, after the KV cache exists, because the graphs bake in its address.
         self.graph_runner: DecodeGraphRunner | None = None
@@ -138,7 +155,8 @@ class ModelRunner:
             )
             ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-            hidden = self.model(ids, pos, ctx)  # (T, hidden)
+            forward = self.compiled or self.model
+            hidden = forward(ids, pos, ctx)  # (T, hidden)
         if not logits_indices:
             return []
         logits = self.model.compute_logits(hidden[logits_idx])  # (N, V)

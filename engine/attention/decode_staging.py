@@ -45,6 +45,9 @@ class DecodeStaging:
         self._meta_ref: weakref.ref | None = None
         self._append = False
         self._capacity = 0
+        # Per step, shared by every layer: the longest context and the rows appended to.
+        self._max_len = 0
+        self._append_rows = torch.empty(0, dtype=torch.long)
         # Steps that had to re-gather instead of appending (observability and tests).
         self.num_rebuilds = 0
 
@@ -65,32 +68,39 @@ class DecodeStaging:
         object, so the append-or-rebuild decision is made once per step.
         """
         if self._meta_ref is None or self._meta_ref() is not meta:
-            self._begin_step(tables, lens, k_cache)
+            self._begin_step(tables, lens, lens_tensor, k_cache)
             self._meta_ref = weakref.ref(meta)
         if self._capacity == 0:
             return None
         layer = k_cache.data_ptr()
         stage = self._layers.get(layer)
-        max_len = max(lens)
+        max_len = self._max_len
         if self._append and stage is not None:
-            b = torch.arange(len(lens), device=k_new.device)
-            pos = (lens_tensor - 1).long()
-            stage.k[b, :, pos] = k_new  # one token per row
-            stage.v[b, :, pos] = v_new
+            # One row copy per (sequence, KV head): this step's token lands at its position.
+            d = k_new.shape[-1]
+            stage.k.view(-1, d).index_copy_(0, self._append_rows, k_new.reshape(-1, d))
+            stage.v.view(-1, d).index_copy_(0, self._append_rows, v_new.reshape(-1, d))
         else:
             stage = self._rebuild(k_cache, v_cache, tables, max_len)
             self._layers[layer] = stage
         return stage.k[:, :, :max_len], stage.v[:, :, :max_len]
 
-    def _begin_step(self, tables: torch.Tensor, lens: list[int], k_cache: torch.Tensor) -> None:
+    def _begin_step(self, tables: torch.Tensor, lens: list[int], lens_tensor: torch.Tensor, k_cache: torch.Tensor) -> None:
+        """Decide append-or-rebuild for this step, and compute what every layer reuses."""
         self._append = self._same_batch_grown_by_one(tables, lens, k_cache.shape[1])
+        _, _, h_kv, d = k_cache.shape
         if not self._append:
             self.num_rebuilds += 1
-            _, _, h_kv, d = k_cache.shape
             cap = max(lens) + HEADROOM
             per_layer = 2 * len(lens) * h_kv * cap * d * k_cache.element_size()
             self._capacity = cap if per_layer <= MAX_STAGING_BYTES_PER_LAYER else 0
             self._layers.clear()
+        self._max_len = max(lens)
+        if self._append:
+            # Flat row of (b, h, lens[b] - 1) in a (B, H_kv, cap, D) buffer viewed as (-1, D).
+            b_h = torch.arange(len(lens) * h_kv, device=k_cache.device).view(len(lens), h_kv)
+            pos = (lens_tensor.to(k_cache.device).long() - 1)[:, None]
+            self._append_rows = (b_h * self._capacity + pos).reshape(-1)
         self._prev_tables = tables.clone()
         self._prev_lens = list(lens)
 

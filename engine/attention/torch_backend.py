@@ -7,6 +7,8 @@ long chunk against short ones would waste the step).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,9 @@ class TorchAttentionBackend(AttentionBackend):
     def __init__(self, stage_decode: bool = True) -> None:
         # Keeps the decode batch's K/V contiguous across steps (see decode_staging).
         self._staging = DecodeStaging() if stage_decode else None
+        # The decode padding mask of the step whose metadata this refers to (weakly).
+        self._pad_meta: weakref.ref | None = None
+        self._pad: torch.Tensor | None = None
 
     def forward(
         self,
@@ -117,13 +122,27 @@ class TorchAttentionBackend(AttentionBackend):
         # on CPU costs more than the attention itself (memory-bound: ~25% slower here).
         qg = q.view(b, h_kv, g, -1)  # (B, H_kv, G, D); head i uses KV head i // G, as in HF
         scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # (B, H_kv, G, L)
-        if min(lens) != max_len:  # ragged batch: hide each row's padding
-            pos = torch.arange(max_len, device=q.device)
-            pad = pos[None, :] >= meta.decode_context_lens[:, None].to(q.device)  # (B, L)
-            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        pad = self._padding(meta, max_len, q.device)
+        if pad is not None:  # ragged batch: hide each row's padding
+            scores.masked_fill_(pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
         out = torch.matmul(probs, vals)  # (B, H_kv, G, D)
         return out.reshape(b, h, -1)
+
+    def _padding(self, meta: AttentionMetadata, max_len: int, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, 1, L) True where a decode row's context has ended; None when none is ragged.
+
+        Built at a step's first layer and reused by the others (they share ``meta``).
+        """
+        if self._pad_meta is not None and self._pad_meta() is meta:
+            return self._pad
+        lens = meta.decode_context_lens_list
+        pad = None
+        if min(lens) != max_len:
+            pos = torch.arange(max_len, device=device)
+            pad = (pos[None, :] >= meta.decode_context_lens[:, None].to(device))[:, None, None, :]
+        self._pad_meta, self._pad = weakref.ref(meta), pad
+        return pad
 
 
 def _causal_sdpa(

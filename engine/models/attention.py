@@ -58,7 +58,10 @@ class Attention(torch.nn.Module):
         # backend (and the Triton store kernel) sees plain (T, H, D) tensors.
         q, k = rotate_qk(q, k, cos, sin, fused=fused)
         v = v.contiguous()
-        out = ctx.backend.forward(
-            q, k, v, ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1], ctx.attn_metadata, self.scale
-        )  # (T, H, D)
+        if torch.compiler.is_compiling():  # opaque to the compiler: see engine.models.compiled
+            out = torch.ops.kvferry.attention(q, k, v, self.layer_idx, self.scale)
+        else:
+            out = ctx.backend.forward(
+                q, k, v, ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1], ctx.attn_metadata, self.scale
+            )  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))

@@ -16,6 +16,7 @@ from torch import nn
 from engine.forward_context import ForwardContext
 from engine.models.attention import Attention
 from engine.models.config import ModelConfig
+from engine.models.cpu_linear import LinearKernel
 from engine.models.layers import Embedding, Linear, RMSNorm, SwiGLUMLP
 from engine.models.rotary import RotaryEmbedding
 
@@ -103,6 +104,24 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) fp32
         return self.lm_head(hidden).float()
+
+    def linears(self) -> list[Linear]:
+        """Every linear layer, the lm_head last."""
+        return [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head] + [self.lm_head]
+
+    @torch.no_grad()
+    def use_linear_kernels(self, kinds: dict[Linear, LinearKernel], packed: dict[int, torch.Tensor] | None = None) -> None:
+        """Re-store each linear's weight for its kernel (``engine.models.cpu_linear``).
+
+        ``packed`` maps ``id(weight)`` to a oneDNN copy made already (by the calibration).
+        A tied embedding keeps the dense matrix when the lm_head packs its own.
+        """
+        packed = packed or {}
+        embed = self.model.embed_tokens
+        if embed.tied_head is not None and kinds.get(self.lm_head) == "onednn":
+            embed.keep_table()
+        for module, kind in kinds.items():
+            module.use_kernel(kind, packed.get(id(module.weight)))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:

@@ -12,27 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.cpu_linear import LinearKernel, onednn_linear, pack_onednn, run_kernel
+
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     """An uninitialised, frozen parameter."""
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def transposed_layout(device: torch.device | str) -> bool:
-    """Whether linear weights are stored as (in, out) on ``device``.
-
-    On CPU, MKL's sgemm is up to ~2x faster for the skinny ``x @ W`` of decode steps
-    (M = batch size) when ``W`` is stored (in, out) rather than HF's (out, in); it is never
-    slower for prefill-sized M. GPUs keep HF's layout (cuBLAS is layout-agnostic).
-    """
-    return torch.device(device).type == "cpu"
-
-
 class Linear(nn.Module):
     """``y = x W^T (+ b)``; optionally the concatenation of several HF projections.
 
-    ``weight`` is (out, in) like HF's, or (in, out) when ``transposed`` (see
-    ``transposed_layout``); ``load`` hides the difference from the checkpoint loader.
+    Weights load in HF's ``(out, in)`` layout. On CPU the engine then picks, per shape, how
+    to store and multiply them (``engine.models.cpu_linear``): kept as they are
+    (``dense``), transposed to ``(in, out)`` (``dense_t``) or packed for oneDNN
+    (``onednn``, the dense weight dropped). ``load`` works in the first two.
     """
 
     def __init__(
@@ -51,21 +45,42 @@ class Linear(nn.Module):
         for name, size in sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
-        self.transposed = transposed_layout(device)
-        shape = (in_features, offset) if self.transposed else (offset, in_features)
-        self.weight = empty_param(*shape, dtype=dtype, device=device)
+        self.in_features, self.out_features = in_features, offset
+        self.kernel: LinearKernel = "dense"
+        self.weight: nn.Parameter | None = empty_param(offset, in_features, dtype=dtype, device=device)
         self.bias = empty_param(offset, dtype=dtype, device=device) if bias else None
+        # oneDNN's blocked copy of the weight (kernel "onednn"); an attribute, not a
+        # parameter: it is opaque, never saved, never moved.
+        self.packed: torch.Tensor | None = None
+        # Its key for the compiled forward's ``kvferry::onednn_linear`` op (set when compiling).
+        self.pack_key = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
-        if not self.transposed:
-            return F.linear(x, self.weight, self.bias)
-        if self.bias is None:
-            return torch.mm(x, self.weight)
-        return torch.addmm(self.bias, x, self.weight)
+        if self.packed is not None:
+            if torch.compiler.is_compiling():  # opaque to the compiler: see engine.models.compiled
+                return torch.ops.kvferry.onednn_linear(x, self.pack_key, self.bias)
+            return onednn_linear(x, self.packed, self.bias)
+        assert self.weight is not None
+        return run_kernel(self.kernel, x, self.weight, self.bias)
 
     def out_weight(self) -> torch.Tensor:
-        """The weight as an (out, in) view, whatever the storage layout."""
-        return self.weight.t() if self.transposed else self.weight
+        """The weight as an (out, in) view, whatever the storage layout (not once packed)."""
+        if self.weight is None:
+            raise ValueError("this linear's weight is packed for oneDNN: it has no dense copy")
+        return self.weight.t() if self.kernel == "dense_t" else self.weight
+
+    def use_kernel(self, kind: LinearKernel, packed: torch.Tensor | None = None) -> None:
+        """Re-store the weight for ``kind`` (from ``dense``); ``packed`` reuses a ready oneDNN copy."""
+        if kind == self.kernel:
+            return
+        if self.kernel != "dense" or self.weight is None:
+            raise ValueError(f"linear kernel already set to {self.kernel!r}")
+        if kind == "onednn":
+            self.packed = packed if packed is not None else pack_onednn(self.weight)
+            self.weight = None  # one copy of the weights: the dense one goes
+        elif kind == "dense_t":
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
+        self.kernel = kind
 
     def load(self, shard: str, kind: str, tensor: torch.Tensor) -> int:
         """Copy HF tensor ``kind`` ("weight"/"bias") of projection ``shard``; return elements written."""
@@ -96,6 +111,17 @@ class Embedding(nn.Module):
         self.weight = None
         self._tied = [head]
 
+    def keep_table(self) -> None:
+        """Hold the tied head's (V, hidden) matrix ourselves (same storage, no copy).
+
+        Called before the head packs its weight for oneDNN and drops the dense copy: the
+        packed layout cannot be gathered by row, so the embedding keeps what it needs.
+        """
+        head = self.tied_head
+        if head is not None:
+            self.weight = nn.Parameter(head.out_weight().detach(), requires_grad=False)
+            self._tied = []
+
     @property
     def tied_head(self) -> Linear | None:
         return self._tied[0] if self._tied else None
@@ -109,8 +135,8 @@ class Embedding(nn.Module):
         return self.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (T,) -> (T, hidden)
-        # With a tied (in, out) head this gathers strided rows: ~80 us per decode step for
-        # SmolLM2, far cheaper than keeping a second copy of a 113 MB matrix.
+        # With a tied (in, out) head ("dense_t") this gathers strided rows: ~80 us per
+        # decode step for SmolLM2, far cheaper than a second copy of a 113 MB matrix.
         return F.embedding(input_ids, self.table())
 
 

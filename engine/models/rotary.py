@@ -112,6 +112,8 @@ class RotaryEmbedding(torch.nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (T, H, D) heads by (T, 1, D/2) cos/sin; returns a new contiguous tensor."""
     x1, x2 = x.chunk(2, dim=-1)  # (T, H, D/2) each
+    if torch.compiler.is_compiling():  # the compiler fuses this into one loop; out= would break the graph
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     o1, o2 = out.chunk(2, dim=-1)
     # First half: x1*cos - x2*sin; second half: x2*cos + x1*sin (HF's rotate_half).

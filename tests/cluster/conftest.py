@@ -31,7 +31,7 @@ from tests.conftest import free_port
 COLOCATED_APP = "kvferry-colocated"
 COLOCATED_ENGINE = {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 128}
 
-# The HTTP port of the Serve instance these fixtures started, while it runs.
+# The HTTP and gRPC ports of the Serve instance these fixtures started, while it runs.
 _serve: dict[str, int] = {}
 # The app kept deployed across modules (kept_app): its name, settings and URL; empty if none.
 _kept: dict[str, Any] = {}
@@ -86,16 +86,20 @@ def _serve_is_up() -> bool:
     return True
 
 
-def _serve_port() -> int:
-    """Start Serve on a free loopback port unless the instance started here still runs."""
+def _serve_ports() -> tuple[int, int]:
+    """Start Serve on free loopback ports (HTTP, and its gRPC proxy as ``kvferry serve`` starts
+    it: proxy options are fixed when Serve starts) unless the instance started here still runs."""
     from ray import serve
+
+    from cluster.grpc.options import grpc_options
 
     if "port" not in _serve or not _serve_is_up():
         if _serve_is_up():  # someone else's instance, on a port we don't know
             serve.shutdown()
-        _serve["port"] = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _serve["port"]})
-    return _serve["port"]
+        _serve["port"], _serve["grpc_port"] = free_port(), free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _serve["port"]},
+                    grpc_options=grpc_options(_serve["grpc_port"]))
+    return _serve["port"], _serve["grpc_port"]
 
 
 def _start_app(app_name: str, settings: dict[str, Any]) -> tuple[str, Any]:
@@ -104,9 +108,9 @@ def _start_app(app_name: str, settings: dict[str, Any]) -> tuple[str, Any]:
     from cluster.app import build_app
     from cluster.config import ServeConfig
 
-    port = _serve_port()
+    port, grpc_port = _serve_ports()
     http = {**settings.get("http", {}), "port": port}
-    cfg = ServeConfig.model_validate({**settings, "app_name": app_name, "http": http})
+    cfg = ServeConfig.model_validate({**settings, "app_name": app_name, "http": http, "grpc": {"port": grpc_port}})
     serve.run(build_app(cfg), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}", cfg
 

@@ -61,6 +61,7 @@ def default_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
     config = {
         "engine": {"default_ttl_s": TTL_S},
         "http": {"port": port, "prefill_timeout_s": 60.0},
+        "grpc": {"port": free_port()},  # never a fixed 9000 another test run may hold
         "transport": {"transfer_timeout_s": 3.0},
     }
     (work / "kvferry.yaml").write_text(yaml.safe_dump(config))

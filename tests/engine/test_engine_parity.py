@@ -29,14 +29,18 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     ]
 
 
+@pytest.mark.parametrize("cpu_linear", ["onednn", "dense"])  # prepacked oneDNN matmuls forced on / off
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_parity_batched_chunked_and_cached(arch: str, tiny_model_dir) -> None:
+def test_greedy_parity_batched_chunked_and_cached(arch: str, cpu_linear: str, tiny_model_dir) -> None:
     path = tiny_model_dir(arch)
     prompts = _prompts()
     hf = load_hf_model(path)
     expected = [hf_greedy(hf, p, NUM_NEW) for p in prompts]
 
-    eng = LLMEngine.from_pretrained(str(path), block_size=4, max_num_batched_tokens=20, num_kv_blocks=128)
+    eng = LLMEngine.from_pretrained(
+        str(path), block_size=4, max_num_batched_tokens=20, num_kv_blocks=128, cpu_linear=cpu_linear
+    )
+    assert eng.runner.linear_plan.kernels == {cpu_linear: len(eng.runner.model.linears())}
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
     first = eng.generate(prompts, params)
     assert [o.token_ids for o in first] == expected

@@ -17,6 +17,7 @@ from engine.attention import get_attention_backend
 from engine.attention.base import AttentionMetadata
 from engine.forward_context import ForwardContext
 from engine.loader import load_model
+from engine.models.linear_setup import setup_cpu_linears
 
 BLOCK_SIZE = 16
 ATOL = 1e-4
@@ -96,12 +97,19 @@ ROPE_VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=[*ARCHS, *ROPE_VARIANTS])
-def pair(request, tmp_path_factory):
-    """(our model, its config, the HF reference) for one tiny architecture."""
+def tiny_path(request, tmp_path_factory):
+    """A saved tiny model of one architecture."""
     arch, overrides = ROPE_VARIANTS.get(request.param, (request.param, {}))
-    path = make_tiny_model(arch, tmp_path_factory.mktemp(request.param), **overrides)
-    model, cfg = load_model(path)
-    return model, cfg, load_hf_model(path)
+    return make_tiny_model(arch, tmp_path_factory.mktemp(request.param), **overrides)
+
+
+# CPU linears as loaded (F.linear) and prepacked for oneDNN.
+@pytest.fixture(scope="module", params=["dense", "onednn"])
+def pair(request, tiny_path):
+    """(our model, its config, the HF reference) for one tiny architecture and linear kernel."""
+    model, cfg = load_model(tiny_path)
+    setup_cpu_linears(model, request.param, torch.device("cpu"))
+    return model, cfg, load_hf_model(tiny_path)
 
 
 def hf_logits(hf, token_ids: list[int]) -> torch.Tensor:
