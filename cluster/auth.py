@@ -1,4 +1,4 @@
-"""Optional API keys for the ingress: no valid key, no service (401 in OpenAI's error shape).
+"""Optional API keys for the ingress: no valid key, no service (401 in the surface's error shape).
 
 Keys come from a file (one per line, ``#`` comments) and/or an environment variable
 (comma-separated), never from the serving config itself: the config travels as Serve
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cluster.tenancy import api_key_from_headers
-from cluster.wire import INVALID_API_KEY, error_body
+from cluster.error_shapes import render_error
+from cluster.tenancy import GOOGLE_PATH_PREFIX, api_key_from_headers, google_api_key
+from cluster.wire import INVALID_API_KEY, ApiError
 
 # Paths anyone may call: liveness for load balancers, and the API's own description.
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -81,7 +82,8 @@ def load_api_keys(keys_file: str | None, keys_env: str | None, environ: Mapping[
 
 class ApiKeyAuth:
     """ASGI middleware: refuse requests without a valid key (``Authorization: Bearer`` or
-    ``x-api-key``) before anything reads their body."""
+    ``x-api-key``; on Gemini's ``/v1beta/`` routes also ``x-goog-api-key`` or ``?key=``)
+    before anything reads their body."""
 
     def __init__(self, app: ASGIApp, keys: Callable[[], ApiKeys]) -> None:
         self.app = app
@@ -94,14 +96,19 @@ class ApiKeyAuth:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         key = api_key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+        if key is None and scope.get("path", "").startswith(GOOGLE_PATH_PREFIX):
+            key = google_api_key(headers.get("x-goog-api-key"), scope.get("query_string", b""))
         if keys.allows(key):
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["error_code"] = INVALID_API_KEY
-        message = ("Missing API key: send it as 'Authorization: Bearer KEY'." if key is None
+        message = ("Missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'." if key is None
                    else "Incorrect API key provided.")
-        body = json.dumps(error_body(message, "invalid_request_error", code=INVALID_API_KEY)).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
+        # OpenAI calls a bad key an invalid_request_error; each surface renders it its way.
+        err = ApiError(401, message, code=INVALID_API_KEY, type="invalid_request_error")
+        status, shaped = render_error(scope.get("path", ""), err)
+        body = json.dumps(shaped).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b'Bearer realm="kvferry"')]})
         await send({"type": "http.response.body", "body": body})

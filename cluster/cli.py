@@ -87,6 +87,7 @@ def serve(
     model: str | None = typer.Option(None, help='Model: HF dir, .gguf file or "default".'),
     host: str | None = typer.Option(None, help="HTTP bind address (default 127.0.0.1)."),
     port: int | None = typer.Option(None, help="HTTP port (default 8000)."),
+    grpc_port: int | None = typer.Option(None, help="gRPC port (default 9000; 0 turns gRPC off)."),
     prefill_replicas: int | None = typer.Option(None, help="Prefill pool size."),
     decode_replicas: int | None = typer.Option(None, help="Decode pool size."),
     mode: str | None = typer.Option(None, help="disaggregated | colocated."),
@@ -103,8 +104,8 @@ def serve(
     from cluster.config import load_config
 
     overrides = _serve_overrides(
-        model=model, host=host, port=port, prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,
-        mode=mode, mixed_replicas=mixed_replicas, block_size=block_size,
+        model=model, host=host, port=port, grpc_port=grpc_port, prefill_replicas=prefill_replicas,
+        decode_replicas=decode_replicas, mode=mode, mixed_replicas=mixed_replicas, block_size=block_size,
         kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpus=num_gpus, metrics_port=metrics_port,
     )
     try:
@@ -139,12 +140,14 @@ def _serve_overrides(
     kv_cache_memory_bytes: int | None,
     num_gpus: float | None,
     metrics_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """``serve``'s flags as dotted config overrides; a flag not given (None) keeps the file's value."""
     overrides: dict[str, Any] = {
         "model.model": model,
         "http.host": host,
         "http.port": port,
+        "grpc.port": grpc_port,
         "prefill.num_replicas": prefill_replicas,
         "decode.num_replicas": decode_replicas,
         "mixed.num_replicas": mixed_replicas,
@@ -159,9 +162,11 @@ def _serve_overrides(
 
 
 def _start_ray(cfg: ServeConfig, address: str | None, num_cpus: int | None) -> None:
-    """Join the Ray cluster at ``address``, or start a local one; then start Serve's HTTP proxy."""
+    """Join the Ray cluster at ``address``, or start a local one; then start Serve's HTTP and gRPC proxies."""
     import ray
     from ray import serve as rserve
+
+    from cluster.grpc.options import grpc_options
 
     with console.status("starting Ray…"):
         if address:
@@ -172,7 +177,8 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_cpus: int | None) -> N
             # Ray serves every process's metrics on this port for Prometheus (see docs/deploy.md).
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                      namespace="kvferry", log_to_driver=False, _metrics_export_port=cfg.metrics.export_port or None)
-        rserve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        rserve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
+                     grpc_options=grpc_options(cfg.grpc.port))
 
 
 def _serve_until_stopped(cfg: ServeConfig, deploy_timeout_s: float, stop: threading.Event) -> int:
@@ -188,6 +194,9 @@ def _serve_until_stopped(cfg: ServeConfig, deploy_timeout_s: float, stop: thread
         url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
         console.print(f"[green]kvferry is serving[/green] {url}  (model: {cfg.model.model}, mode: {cfg.mode})")
         console.print(f"  try: curl {url}/v1/models      Ctrl-C to stop")
+        if cfg.grpc.port:
+            # Serve's gRPC proxy binds every interface (it has no host option): say so.
+            console.print(f"  gRPC kvferry.v1.Inference on port {cfg.grpc.port}, every interface (docs/grpc.md)")
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:

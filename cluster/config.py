@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config import EngineConfig
+from router.policy import DEFAULT_PREFILL_TOKENS_PER_S, DISK_PROMOTE_US_PER_TOKEN, HOST_PROMOTE_US_PER_TOKEN
 
 Role = Literal["prefill", "decode", "mixed"]
 # Engine settings each replica gets from its pool and its place, never from the file.
@@ -138,7 +139,8 @@ class ServedModelConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    """Who may hit whose prompt cache (the TTLs are engine settings: `engine.default_ttl_s`...)."""
+    """Who may hit whose prompt cache (the TTLs are engine settings: `engine.default_ttl_s`...),
+    and the explicit caches (Gemini `cachedContents`) each API key may pin."""
 
     tenant_isolation: Literal["api_key", "none"] = Field(
         "api_key",
@@ -146,6 +148,19 @@ class CacheConfig(_Strict):
             "api_key: cached blocks are salted with a hash of the request's API key, so tenants "
             "never hit (or time) each other's prompt cache; requests without a key share one "
             "anonymous tenant. none: every request shares one cache."
+        ),
+    )
+    explicit_cache_budget_tokens: int = Field(
+        65_536, ge=0, description="Most prompt tokens one API key's explicit caches may pin at once (else a 429).")
+    explicit_cache_default_ttl_s: float = Field(3600.0, gt=0, description="Explicit-cache lifetime if none is asked, s.")
+    explicit_cache_max_ttl_s: float = Field(604_800.0, gt=0, description="Longest explicit-cache lifetime, s (else 400).")
+    min_cacheable_tokens: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Shortest prefix a cache breakpoint (Anthropic cache_control) may cache, in tokens: a "
+            "breakpoint before it gets no TTL of its own and reports no cache write. 0: any "
+            "breakpoint that covers at least one full KV block."
         ),
     )
 
@@ -177,6 +192,15 @@ class HttpConfig(_Strict):
     )
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="Request bodies larger than this get 413 before they are parsed."
+    )
+
+
+class GrpcConfig(_Strict):
+    """The gRPC front (Serve's gRPC proxy, next to HTTP): ``kvferry.v1.Inference``, docs/grpc.md."""
+
+    port: int = Field(
+        9000, ge=0, le=65535,
+        description="Port of Serve's gRPC proxy (service kvferry.v1.Inference, reflection on); 0 turns gRPC off.",
     )
 
 
@@ -235,6 +259,19 @@ class RoutingConfig(_Strict):
     imbalance_load: float = Field(
         0.5, ge=0, description="Decode pool: replicas this much load above the least loaded are demoted."
     )
+    host_promote_us_per_token: float = Field(
+        HOST_PROMOTE_US_PER_TOKEN, ge=0,
+        description="Time to promote one cached token's KV from host memory to the device, microseconds "
+        "(benchmarks/promote_cost.py; the default was measured on CPU): a host hit saves its recompute minus this.",
+    )
+    disk_promote_us_per_token: float = Field(
+        DISK_PROMOTE_US_PER_TOKEN, ge=0,
+        description="The same from the disk tier, microseconds per token.",
+    )
+    prefill_tokens_per_s: float = Field(
+        DEFAULT_PREFILL_TOKENS_PER_S, gt=0,
+        description="A replica's prefill speed, to weigh promote time against recompute (measured with the promote costs).",
+    )
     lookup_timeout_s: float = Field(
         0.25, gt=0, description="The KV directory must answer within this; else power-of-two choices."
     )
@@ -268,6 +305,7 @@ class ServeConfig(_Strict):
     )
     transport: TransportConfig = Field(default_factory=TransportConfig, description="KV transport.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP front and timeouts.")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC front (0 turns it off).")
     failover: FailoverConfig = Field(
         default_factory=FailoverConfig, description="Prefill-pool outage detection (local prefill meanwhile)."
     )

@@ -19,7 +19,9 @@ from typing import Any
 from ray import serve
 
 from cluster.config import SERVING_CLOCK, ServeConfig
+from cluster.explicit_cache_actor import get_registry
 from cluster.metrics import ReplicaMetrics
+from cluster.pin_sync import PinSync
 from cluster.prefill_health import HealthSettings
 from cluster.remote_prefill import RemotePrefill
 from cluster.replica import ReplicaCore
@@ -51,6 +53,9 @@ class DecodeServer:
             on_events=(lambda batch: self._pump.on_events(batch)) if routed else None,
         )
         self._pump = EventPump(role, self.core.loop) if routed else None
+        # Explicit caches pinned here follow the app's registry (DELETE, PATCH, expiry).
+        budget = cfg.cache.explicit_cache_budget_tokens
+        self._pins = PinSync(self.core.loop, lambda: get_registry(cfg.app_name, budget), rid)
         info = self.core.start()
         self.remote: RemotePrefill | None = None
         if prefill is not None:
@@ -69,6 +74,8 @@ class DecodeServer:
 
     async def generate(self, request: GenerateRequest, hints: Any = None) -> AsyncIterator[StreamItem]:
         """Stream one request (``hints`` are for this pool's RequestRouter, not read here)."""
+        if request.pin is not None:
+            self._pins.ensure_started()
         async for item in self.core.generate(request, self.remote):
             yield item
 
@@ -93,6 +100,7 @@ class DecodeServer:
             if self.remote is not None:
                 self.remote.close()
                 self.remote.transport.close()
+            self._pins.stop()
             self.core.shutdown()
         except Exception:  # noqa: BLE001 - best effort at teardown
             pass

@@ -1,7 +1,8 @@
-"""FastAPI handlers that render every error in OpenAI's shape and never leak a trace.
+"""FastAPI handlers that render every error in its surface's shape and never leak a trace.
 
-Every error a client sees has the shape ``{"error": {"message", "type", "param", "code"}}``
-and the matching HTTP status (the error type itself, ``cluster.wire.ApiError``, crosses
+Every error a client of the OpenAI routes sees has the shape ``{"error": {"message", "type",
+"param", "code"}}`` and the matching HTTP status; other surfaces' routes (Anthropic's
+``/v1/messages``) get their own shape through ``cluster.error_shapes`` (the error type itself, ``cluster.wire.ApiError``, crosses
 Serve handles too). FastAPI's own 422 validation errors (malformed JSON, wrong types,
 out-of-range values) become 400 ``invalid_request_error`` like OpenAI's API, and any
 unexpected exception becomes a generic 500 whose body names the request id, not the stack.
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.error_shapes import render_error
 from cluster.http_metrics import set_error_code
 from cluster.wire import INTERNAL_ERROR, REQUEST_TOO_LARGE, ApiError
 
@@ -30,10 +32,12 @@ RETRY_AFTER_S = 1
 
 
 def error_response(
-    err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None
+    err: ApiError, request_id: str | None = None, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
     # No x-request-id here: Serve's proxy echoes the request's id on every response.
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+    # The shape (and maybe the status) is that of the surface serving ``path``.
+    status, body = render_error(path, err)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):
@@ -128,6 +132,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param}: {' or '.join(messages)}", param
 
 
+def validation_error(errors: list[Any], body: Any) -> ApiError:
+    """pydantic's ``errors`` about ``body`` as the 400 the REST API answers with: other
+    surfaces (gRPC) validate with the same models and report the very same message."""
+    message, param = _validation_message(RequestValidationError(errors, body=body))
+    return ApiError(400, message, param=param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through the OpenAI error shape; nothing else reaches a client."""
 
@@ -136,13 +147,14 @@ def install_error_handlers(app: FastAPI) -> None:
         set_error_code(request.state, exc.code or exc.type)
         # Every 503 is transient (overload, a pool restarting): tell clients when to come back.
         headers = {"retry-after": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
-        return error_response(exc, getattr(request.state, "request_id", None), headers=headers)
+        return error_response(exc, getattr(request.state, "request_id", None), headers=headers, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         set_error_code(request.state, "invalid_request_error")
-        return error_response(ApiError(400, message, param=param), getattr(request.state, "request_id", None))
+        return error_response(ApiError(400, message, param=param), getattr(request.state, "request_id", None),
+                              path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
         code = REQUEST_TOO_LARGE if exc.status_code == 413 else None
         set_error_code(request.state, code or f"http_{exc.status_code}")
         # exc.headers carries e.g. the Allow header of a 405.
-        return error_response(ApiError(exc.status_code, detail, code=code), headers=exc.headers)
+        return error_response(ApiError(exc.status_code, detail, code=code), headers=exc.headers, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -158,5 +170,5 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error in request %s", rid)
         set_error_code(request.state, INTERNAL_ERROR)
         return error_response(
-            ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid
+            ApiError(500, f"internal error (request {rid})", code=INTERNAL_ERROR), rid, path=request.url.path
         )

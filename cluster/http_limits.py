@@ -2,8 +2,8 @@
 
 A pure ASGI middleware (no buffering of its own): a declared ``Content-Length`` over the
 limit is refused before the body is read; a body without one (chunked) is counted as it
-streams in and refused the moment it passes the limit. Either way the client gets the
-OpenAI error shape, and neither JSON parsing nor tokenizing ever sees the body.
+streams in and refused the moment it passes the limit. Either way the client gets its
+surface's error shape (``cluster.error_shapes``), and neither JSON parsing nor tokenizing ever sees the body.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.wire import REQUEST_TOO_LARGE, error_body
+from cluster.error_shapes import render_error
+from cluster.wire import REQUEST_TOO_LARGE, ApiError
 
 
 def _too_large_message(limit: int) -> str:
@@ -40,7 +41,7 @@ class BodySizeLimit:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             scope.setdefault("state", {})["error_code"] = REQUEST_TOO_LARGE
-            await _send_413(send, limit)
+            await _send_413(send, limit, scope.get("path", ""))
             return
         seen = 0
 
@@ -68,11 +69,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(error_body(_too_large_message(limit), "invalid_request_error", code=REQUEST_TOO_LARGE)).encode()
+async def _send_413(send: Send, limit: int, path: str) -> None:
+    err = ApiError(413, _too_large_message(limit), code=REQUEST_TOO_LARGE)
+    status, shaped = render_error(path, err)
+    body = json.dumps(shaped).encode()
     await send({
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     })
     await send({"type": "http.response.body", "body": body})

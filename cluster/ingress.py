@@ -1,35 +1,55 @@
-"""The ingress: an OpenAI-compatible FastAPI app under ``@serve.ingress``.
+"""The ingress: the FastAPI app under ``@serve.ingress`` that serves every HTTP surface.
 
-HTTP -> typed request: it validates bodies (pydantic, ``cluster.protocol``), checks the
-model name, resolves the tenant from the API key, tokenizes the prompt in a worker thread
-(the engine's own length-guarded tokenizer), fills the sampling defaults and sends one
-:class:`cluster.wire.GenerateRequest` to the decode pool, whose RequestRouter picks the
-replica from the routing hints. The replica's :class:`StreamChunk` values come back as
-OpenAI JSON or SSE. It waits for the first chunk before answering, so refusals (context
-too long, pool down) still get a proper status code, and the headers can name the
-replicas that served the request.
+Each route is a thin adapter: it validates its body (pydantic, e.g. ``cluster.protocol``
+for OpenAI), turns it into a surface-neutral :class:`cluster.inference.InferenceRequest`
+and hands it to the :class:`cluster.front_door.FrontDoor`, which checks the model,
+resolves the tenant, tokenizes, routes and waits for the first chunk (so refusals still
+get a status code, and the headers can name the replicas that served the request). The
+route renders the replica's :class:`StreamChunk` values in its surface's shape: OpenAI
+JSON or SSE here, Anthropic's through ``cluster.anthropic_surface``. The same deployment
+serves gRPC: Serve's gRPC proxy calls the methods named after kvferry.v1.Inference's RPCs,
+one-line delegates to ``cluster.grpc.adapter``.
 """
 
 # No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve
 # route annotations in another module's namespace, where string annotations break.
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
+from cluster.anthropic_protocol import CountTokensRequest, MessagesRequest
+from cluster.anthropic_responses import CountTokensResponse, MessageResponse
+from cluster.anthropic_surface import ERROR_RESPONSES as ANTHROPIC_ERRORS
+from cluster.anthropic_surface import MESSAGES_RESPONSES, AnthropicMessages
 from cluster.auth import ApiKeyAuth, ApiKeys, load_api_keys
 from cluster.config import ServeConfig
+from cluster.explicit_cache_api import ExplicitCaches
+from cluster.explicit_caches import ExplicitCache
+from cluster.front_door import FrontDoor, Generation
+from cluster.gemini_api import GeminiApi
+from cluster.gemini_protocol import (
+    GOOGLE_ERROR_RESPONSES,
+    CachedContent,
+    CreateCachedContent,
+    GenerateContentRequest,
+    GenerateContentResponse,
+    GoogleErrorResponse,
+    ListCachedContents,
+    UpdateCachedContent,
+)
+from cluster.grpc.adapter import GrpcSurface
 from cluster.http_body import JsonBodyRoute
 from cluster.http_errors import ERROR_RESPONSES, install_error_handlers
 from cluster.http_limits import BodySizeLimit
 from cluster.http_metrics import ApiMetrics, set_error_code
-from cluster.metrics import ingress_answer_recorder
+from cluster.inference import InferenceRequest
+from cluster.metrics import cache_usage_recorder, ingress_answer_recorder
 from cluster.openapi_doc import document_api, sse_response
 from cluster.protocol import (
     ChatCompletionChunk,
@@ -42,26 +62,11 @@ from cluster.protocol import (
     Usage,
     full_response,
     new_request_id,
-    sampling_kwargs,
     stream_event,
     usage_event,
 )
-from cluster.routing import routing_hints
-from cluster.tenancy import api_key_from_headers, cache_salt
-from cluster.wire import (
-    CONTEXT_LENGTH_EXCEEDED,
-    DECODE_POOL_UNAVAILABLE,
-    MODEL_NOT_FOUND,
-    REQUEST_TIMEOUT,
-    SERVER_OVERLOADED,
-    ApiError,
-    GenerateRequest,
-    ModelInfo,
-    StreamChunk,
-)
-from engine import ContextLengthExceeded, SamplingParams
-from engine.errors import InvalidTokenIds
-from engine.intake import check_tokens
+from cluster.tenancy import api_key_from_headers, google_api_key
+from cluster.wire import ApiError, StreamChunk
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ api = FastAPI(title="kvferry", description="OpenAI-compatible LLM serving with d
 # Bodies are parsed by kvferry (clear 400s for bad UTF-8, deep nesting, non-JSON types).
 api.router.route_class = JsonBodyRoute
 install_error_handlers(api)
-document_api(api, event_models=(ChatCompletionChunk, CompletionResponse))
+document_api(api, event_models=(ChatCompletionChunk, CompletionResponse, GenerateContentResponse, GoogleErrorResponse))
 # The limit is the replica's config (set in Ingress.__init__, before any request arrives).
 api.state.max_request_bytes = 4 << 20
 api.add_middleware(BodySizeLimit, max_bytes=lambda: api.state.max_request_bytes)
@@ -83,6 +88,8 @@ api.add_middleware(ApiMetrics, recorder=lambda: api.state.record_answer)
 _CHAT_RESPONSES = {**ERROR_RESPONSES, **sse_response(ChatCompletionChunk)}
 _COMPLETION_RESPONSES = {**ERROR_RESPONSES, **sse_response(CompletionResponse)}
 _INTERRUPTED = f"data: {json.dumps(ApiError(500, 'stream interrupted').body())}\n\n"
+_GOOGLE = GOOGLE_ERROR_RESPONSES
+_GOOGLE_STREAM = {**GOOGLE_ERROR_RESPONSES, **sse_response(GenerateContentResponse, GoogleErrorResponse, done=False)}
 
 
 @api.middleware("http")
@@ -94,13 +101,16 @@ async def _request_id(request: Request, call_next: Any) -> Any:
 
 
 def _usage(last: StreamChunk) -> Usage:
-    return Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+    return Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.cached_tokens_by_tier)
 
 
-def _raise_if_error(item: Any) -> StreamChunk:
-    if isinstance(item, ApiError):
-        raise item
-    return item
+def _api_key(request: Request) -> str | None:
+    return api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
+def _google_key(request: Request) -> str | None:
+    """Gemini clients: ``x-goog-api-key`` or ``?key=`` (a bearer token works too)."""
+    return _api_key(request) or google_api_key(request.headers.get("x-goog-api-key"), request.url.query)
 
 
 @serve.deployment
@@ -113,20 +123,19 @@ class Ingress:
         from engine.tokenizer import load_tokenizer
 
         self.cfg = ServeConfig.model_validate(config)
-        # The pool the ingress talks to: its engine settings bound what requests may ask.
-        self.front_engine = self.cfg.engine_config(self.cfg.front_role, "ingress")
         api.state.max_request_bytes = self.cfg.http.max_request_bytes
         api.state.record_answer = ingress_answer_recorder()
         api.state.api_keys = load_api_keys(self.cfg.auth.api_keys_file, self.cfg.auth.api_keys_env)
         if not api.state.api_keys.enabled:
             logger.info("no API keys configured: the API is open (see auth.* in docs/serving.md)")
-        self.decode = decode
-        self.model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
-        self._info: ModelInfo | None = None
-        # Prompts are tokenized here, in worker threads, never on a replica's engine loop:
-        # a huge prompt then delays no other request's steps.
-        self._hf_tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
-        self._prompt_tokenizer: Any = None
+        model_name = self.cfg.model.served_model_name or served_model_name(self.cfg.model.model)
+        # Prompts are tokenized here, in worker threads, never on a replica's engine loop.
+        tokenizer = load_tokenizer(resolve_model_path(self.cfg.model.model))
+        self.door = FrontDoor(self.cfg, decode, model_name, tokenizer, record_cache=cache_usage_recorder())
+        self.anthropic = AnthropicMessages(self.door)
+        self.caches = ExplicitCaches(self.door)
+        self.gemini = GeminiApi(self.door, self.caches)
+        self.grpc = GrpcSurface(self.door, lambda: api.state.api_keys, lambda: api.state.record_answer)
 
     # ------------------------------------------------------------------ routes
 
@@ -136,149 +145,122 @@ class Ingress:
 
     @api.get("/v1/models", responses={s: ERROR_RESPONSES[s] for s in (401, 503)})
     async def models(self) -> ModelList:
-        info = await self._model_info()
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=info.max_model_len)])
+        info = await self.door.model_info()
+        return ModelList(data=[ModelCard(id=self.door.model_name, max_model_len=info.max_model_len)])
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_CHAT_RESPONSES)
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self._serve(body, request, {"messages": messages}, chat=True)
+        req = body.to_inference(request.state.request_id, _api_key(request), self.door.front_engine.default_ttl_s)
+        entry = None
+        if body.cached_content:  # extension: an explicit cache's contents prefix the messages
+            entry = await self.caches.resolve(body.cached_content, req.api_key, req.model, "cached_content")
+            req = self.caches.apply(entry, req)
+        return await self._serve(body, req, request, chat=True, entry=entry)
 
     @api.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        return await self._serve(body, request, {"prompt": body.prompt}, chat=False)
+        req = body.to_inference(request.state.request_id, _api_key(request))
+        return await self._serve(body, req, request, chat=False)
 
-    # ------------------------------------------------------------------ HTTP -> typed request
+    # ------------------------------------------------------------------ Anthropic Messages
 
-    async def _model_info(self) -> ModelInfo:
-        if self._info is None:
-            try:
-                self._info = await self.decode.model_info.remote()
-            except Exception as e:  # noqa: BLE001 - no decode replica answers
-                raise ApiError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
-        return self._info
+    @api.post("/v1/messages", response_model=MessageResponse, responses=MESSAGES_RESPONSES)
+    async def messages(self, body: MessagesRequest, request: Request) -> Any:
+        return await self.anthropic.create(body, request)
 
-    async def _prepare(
-        self, body: ChatCompletionRequest | CompletionRequest, request: Request, prompt: dict, chat: bool
-    ) -> tuple[GenerateRequest, Any]:
-        """The typed request for the decode pool, and the routing hints for its router."""
-        if body.model != self.model_name:
-            raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
-                           code=MODEL_NOT_FOUND, param="model")
-        info = await self._model_info()
-        param = "messages" if chat else "prompt"
-        ids = await self._encode(prompt, info, param)
-        kw = sampling_kwargs(body, default_max_tokens=0)
-        # Defaults the client left to us: as many tokens as fit, up to the configured default
-        # (at least one: a prompt that leaves no room is refused by the check below).
-        kw["max_tokens"] = kw["max_tokens"] or max(1, min(self.cfg.model.default_max_tokens, info.max_model_len - len(ids)))
-        if kw["cache_ttl_s"] is not None:
-            # Providers clamp long retention requests ("24h") to what they offer.
-            kw["cache_ttl_s"] = min(kw["cache_ttl_s"], self.front_engine.max_ttl_s)
-        key = api_key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        kw["cache_salt"] = cache_salt(key, self.cfg.cache.tenant_isolation)
-        try:
-            params = SamplingParams(**kw)
-            # The engine's own checks, here so that no replica sees a request it must refuse.
-            check_tokens(ids, params, info.vocab_size, info.max_model_len)
-        except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=param) from e
-        except InvalidTokenIds as e:
-            raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field) from e
-        except ValueError as e:
-            raise ApiError(400, str(e)) from e
-        gen_request = GenerateRequest(request.state.request_id, tuple(ids), params, param)
-        hints = None
-        if self.cfg.routing.request_router == "kvferry":  # the routers need the prompt's block hashes
-            hints = routing_hints(ids, info.block_size, info.model_id, params.cache_salt)
-        return gen_request, hints
+    @api.post("/v1/messages/count_tokens", response_model=CountTokensResponse, responses=ANTHROPIC_ERRORS)
+    async def count_tokens(self, body: CountTokensRequest, request: Request) -> Any:
+        return await self.anthropic.count_tokens(body, request)
 
-    async def _encode(self, prompt: dict[str, Any], info: ModelInfo, param: str) -> list[int]:
-        """The prompt's token ids, tokenized in a worker thread (a text that cannot fit is
-        refused from its length first)."""
-        from engine.tokenizer import PromptTokenizer
+    # ------------------------------------------------------------------ Gemini (/v1beta): explicit caches
 
-        if self._prompt_tokenizer is None:
-            self._prompt_tokenizer = PromptTokenizer(self._hf_tokenizer, info.max_model_len)
-        try:
-            return await asyncio.to_thread(
-                self._prompt_tokenizer.encode_prompt, prompt.get("prompt"), prompt.get("messages")
-            )
-        except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=param) from e
-        except ValueError as e:
-            raise ApiError(400, str(e), param=param) from e
+    @api.post("/v1beta/cachedContents", response_model=CachedContent, responses=_GOOGLE)
+    async def create_cached_content(self, body: CreateCachedContent, request: Request) -> Any:
+        return await self.caches.create(body, _google_key(request), request.state.request_id)
 
-    # ------------------------------------------------------------------ typed stream -> HTTP
+    @api.get("/v1beta/cachedContents", response_model=ListCachedContents, responses=_GOOGLE)
+    async def list_cached_contents(self, request: Request, pageSize: int = Query(50, ge=1, le=1000),  # noqa: N803
+                                   pageToken: str = "") -> Any:  # noqa: N803 - Google's query names
+        return await self.caches.list(_google_key(request), pageSize, pageToken)
+
+    @api.get("/v1beta/cachedContents/{cache_id}", response_model=CachedContent, responses=_GOOGLE)
+    async def get_cached_content(self, cache_id: str, request: Request) -> Any:
+        return await self.caches.get(cache_id, _google_key(request))
+
+    @api.patch("/v1beta/cachedContents/{cache_id}", response_model=CachedContent, responses=_GOOGLE)
+    async def update_cached_content(self, cache_id: str, body: UpdateCachedContent, request: Request,
+                                    updateMask: str | None = None) -> Any:  # noqa: N803
+        return await self.caches.update(cache_id, body, updateMask, _google_key(request))
+
+    @api.delete("/v1beta/cachedContents/{cache_id}", responses=_GOOGLE)
+    async def delete_cached_content(self, cache_id: str, request: Request) -> dict[str, Any]:
+        await self.caches.delete(cache_id, _google_key(request))
+        return {}
+
+    @api.post("/v1beta/models/{model}:generateContent", response_model=GenerateContentResponse, responses=_GOOGLE)
+    async def generate_content(self, model: str, body: GenerateContentRequest, request: Request) -> Any:
+        return await self.gemini.generate(model, body, request.state.request_id, _google_key(request), stream=False)
+
+    @api.post("/v1beta/models/{model}:streamGenerateContent", responses=_GOOGLE_STREAM)
+    async def stream_generate_content(self, model: str, body: GenerateContentRequest, request: Request) -> Any:
+        return await self.gemini.generate(model, body, request.state.request_id, _google_key(request), stream=True)
+
+    # ------------------------------------------------------------------ gRPC (kvferry.v1.Inference)
+    # Serve's gRPC proxy calls the method named like the RPC; cluster/grpc/adapter.py does the work.
+
+    async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the RPC's name
+        return await self.grpc.list_models(request, grpc_context)
+
+    async def Chat(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=True)
+
+    async def Complete(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await self.grpc.unary(request, grpc_context, chat=False)
+
+    async def ChatStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=True)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
+
+    async def CompleteStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async with aclosing(self.grpc.stream(request, grpc_context, chat=False)) as messages:
+            async for message in messages:  # closed at once when Serve stops reading: blocks freed
+                yield message
+
+    # ------------------------------------------------------------------ typed stream -> OpenAI
 
     async def _serve(
-        self, body: ChatCompletionRequest | CompletionRequest, request: Request, prompt: dict, chat: bool
+        self, body: ChatCompletionRequest | CompletionRequest, req: InferenceRequest, request: Request, chat: bool,
+        entry: ExplicitCache | None = None,
     ) -> Any:
-        gen_request, hints = await self._prepare(body, request, prompt, chat)
-        gen = self.decode.options(stream=True).generate.remote(gen_request, hints=hints)
-        first = await self._first(gen, gen_request.request_id)
-        headers = {"x-kvferry-prefill-replica": first.prefill_replica, "x-kvferry-decode-replica": first.decode_replica}
-        rid = ("chatcmpl-" if chat else "cmpl-") + gen_request.request_id
+        gen = await self.door.open(req)
+        if entry is not None:
+            await self.caches.served(entry, gen)
+        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sse = self._sse(first, gen, rid, chat, include_usage, request.state)
-            return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
-        text, last = await self._collect(first, gen)
-        resp = full_response(chat, rid, self.model_name, text, last.finish_reason, _usage(last))
-        return JSONResponse(resp.model_dump(), headers=headers)
+            sse = self._sse(gen, rid, chat, include_usage, request.state)
+            return StreamingResponse(sse, media_type="text/event-stream", headers=gen.headers())
+        text, last = await gen.collect()
+        resp = full_response(chat, rid, self.door.model_name, text, last.finish_reason, _usage(last))
+        return JSONResponse(resp.model_dump(), headers=gen.headers())
 
-    async def _first(self, gen: Any, request_id: str) -> StreamChunk:
-        """The first chunk, or the error that replaced it."""
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
-        except asyncio.TimeoutError as e:
-            gen.cancel()
-            raise ApiError(504, "timed out waiting for the first token", code=REQUEST_TIMEOUT) from e
-        except BackPressureError as e:  # every replica busy and the pool's queue full: shed load now
-            raise ApiError(503, "the server is overloaded: every replica is busy and the queue is full; "
-                           "retry later", code=SERVER_OVERLOADED) from e
-        except Exception as e:  # noqa: BLE001 - replica death, unavailable pool
-            logger.warning("decode pool failed for %s: %r", request_id, e)
-            raise ApiError(503, "decode pool unavailable, retry later", code=DECODE_POOL_UNAVAILABLE) from e
-        return _raise_if_error(first)
-
-    async def _collect(self, first: StreamChunk, gen: Any) -> tuple[str, StreamChunk]:
-        """The whole text of a non-streamed request, and its last chunk."""
-        text, last = first.new_text, first
-        try:
-            while not last.finished:
-                last = _raise_if_error(await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s))
-                text += last.new_text
-        except (asyncio.TimeoutError, StopAsyncIteration) as e:
-            gen.cancel()
-            raise ApiError(504, "generation did not finish in time", code=REQUEST_TIMEOUT) from e
-        except BaseException:
-            # Client went away (handler cancelled) or the replica failed: stop generating.
-            gen.cancel()
-            raise
-        return text, last
-
-    async def _sse(
-        self, first: StreamChunk, gen: Any, rid: str, chat: bool, include_usage: bool, state: Any
-    ) -> AsyncIterator[str]:
+    async def _sse(self, gen: Generation, rid: str, chat: bool, include_usage: bool, state: Any) -> AsyncIterator[str]:
         """OpenAI SSE: one event per chunk, an optional usage event, then [DONE].
 
         Headers are gone by now, so a failure is reported in-band, never as a trace.
         """
-        item: Any = first
+        model = self.door.model_name
         try:
-            while True:
-                if isinstance(item, ApiError):  # the replica failed mid-stream: say so, then stop
-                    set_error_code(state, item.code or item.type)
-                    yield f"data: {json.dumps(item.body())}\n\n"
-                    break
+            async for item in gen.chunks():
                 finish = item.finish_reason if item.finished else None
-                yield stream_event(chat, rid, self.model_name, item.new_text, finish, first=item is first)
-                if item.finished:
-                    if include_usage:
-                        yield usage_event(chat, rid, self.model_name, _usage(item))
-                    break
-                item = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.http.request_timeout_s)
+                yield stream_event(chat, rid, model, item.new_text, finish, first=item is gen.first)
+                if item.finished and include_usage:
+                    yield usage_event(chat, rid, model, _usage(item))
+            yield "data: [DONE]\n\n"
+        except ApiError as e:  # the replica failed mid-stream: say so, then stop
+            set_error_code(state, e.code or e.type)
+            yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
             logger.warning("stream %s broke: %r", rid, e)

@@ -24,8 +24,10 @@ from cluster.http_errors import ErrorResponse
 _REF = "#/components/schemas/{model}"
 
 
-def sse_response(event_model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The ``responses`` entry of a route answering JSON, or SSE events of ``event_model``."""
+def sse_response(event_model: type[BaseModel], error_model: type[BaseModel] = ErrorResponse,
+                 done: bool = True) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of a route answering JSON, or SSE events of ``event_model``
+    (errors after the headers in ``error_model``'s shape; ``done``: a ``[DONE]`` sentinel ends it)."""
     event = {
         "type": "object",
         "description": "One server-sent event (`data: ...`).",
@@ -39,7 +41,7 @@ def sse_response(event_model: type[BaseModel]) -> dict[int | str, dict[str, Any]
                         "contentMediaType": "application/json",
                         "contentSchema": {"anyOf": [
                             {"$ref": _REF.format(model=event_model.__name__)},
-                            {"$ref": _REF.format(model=ErrorResponse.__name__)},
+                            {"$ref": _REF.format(model=error_model.__name__)},
                         ]},
                         "description": f"A `{event_model.__name__}`, or an error after which the stream ends.",
                     },
@@ -47,6 +49,8 @@ def sse_response(event_model: type[BaseModel]) -> dict[int | str, dict[str, Any]
             }
         },
     }
+    if not done:
+        event["properties"]["data"] = event["properties"]["data"]["anyOf"][1]
     return {200: {"content": {"text/event-stream": {"schema": event}},
                   "description": "JSON, or server-sent events when `stream` is true."}}
 

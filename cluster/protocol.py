@@ -20,6 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.inference import CacheMark, ChatTurn, InferenceRequest
+from engine.outputs import TokensByTier
+
 # A positive duration ("24h", "1h", "5m", "90s", "0.5d"; zero is not one) or a keyword for
 # the default TTL. The schema carries this pattern, so what it accepts the server accepts.
 _KEYWORDS = ("in_memory", "in-memory", "default", "ephemeral")
@@ -91,14 +94,18 @@ class ChatMessage(_Edge):
             return self.content
         return "".join(p.text for p in self.content)
 
-    def cache_ttl(self) -> str | None:
-        """The longest ``cache_control.ttl`` on this message's parts, if any asked for one."""
+    def cache_marks(self, index: int, default_ttl_s: float) -> list[CacheMark]:
+        """This message's Anthropic-style ``cache_control`` parts as breakpoints: the
+        conversation up to the end of each marked part is cached for its TTL."""
         if not isinstance(self.content, list):
-            return None
-        ttls = [p.cache_control.ttl or "in_memory" for p in self.content if p.cache_control]
-        if not ttls:
-            return None
-        return max(ttls, key=lambda t: parse_retention(t) or 0.0)
+            return []
+        marks, chars = [], 0
+        for part in self.content:
+            chars += len(part.text)
+            if part.cache_control is not None:
+                ttl = parse_retention(part.cache_control.ttl) or default_ttl_s
+                marks.append(CacheMark(index, chars, ttl))
+        return marks
 
 
 class StreamOptions(_Edge):
@@ -146,16 +153,21 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # kvferry extension: an explicit cache ("cachedContents/{id}") whose contents prefix the messages.
+    cached_content: str | None = Field(None, max_length=256, description='An explicit cache, "cachedContents/{id}".')
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def retention(self) -> str | None:
-        """``prompt_cache_retention``, else the longest Anthropic-style ``cache_control.ttl``."""
-        if self.prompt_cache_retention is not None:
-            return self.prompt_cache_retention
-        ttls = [t for t in (m.cache_ttl() for m in self.messages) if t is not None]
-        return max(ttls, key=lambda t: parse_retention(t) or 0.0) if ttls else None
+        return self.prompt_cache_retention
+
+    def to_inference(self, request_id: str, api_key: str | None, default_ttl_s: float) -> InferenceRequest:
+        """The surface-neutral request (cache_control parts become breakpoints)."""
+        marks = [mark for i, m in enumerate(self.messages) for mark in m.cache_marks(i, default_ttl_s)]
+        turns = tuple(ChatTurn(m.role, m.text()) for m in self.messages)
+        return InferenceRequest(request_id, self.model, messages=turns, prompt_param="messages",
+                                cache_marks=tuple(marks), api_key=api_key, **_sampling(self))
 
 
 class CompletionRequest(_SamplingFields):
@@ -172,6 +184,12 @@ class CompletionRequest(_SamplingFields):
     def retention(self) -> str | None:
         return self.prompt_cache_retention
 
+    def to_inference(self, request_id: str, api_key: str | None) -> InferenceRequest:
+        """The surface-neutral request."""
+        prompt = self.prompt if isinstance(self.prompt, str) else tuple(self.prompt)
+        return InferenceRequest(request_id, self.model, prompt=prompt, prompt_param="prompt",
+                                api_key=api_key, **_sampling(self))
+
 
 # --------------------------------------------------------------------------- responses
 
@@ -180,20 +198,45 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CachedTokensByTier(BaseModel):
+    """Where the cached prompt tokens were found; the three add up to ``cached_tokens``."""
+
+    device: int = Field(0, description="Tokens whose KV was already in accelerator (or CPU engine) memory.")
+    host: int = Field(0, description="Tokens whose KV came back from the host-memory tier.")
+    disk: int = Field(0, description="Tokens whose KV came back from the local-disk tier.")
+
+
+class KvferryUsage(BaseModel):
+    """kvferry's extension of ``usage`` (clients that do not know it ignore it)."""
+
+    cached_tokens_by_tier: CachedTokensByTier = Field(default_factory=CachedTokensByTier)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     # Always present (0 too): clients read it to measure their cache hit rate.
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # DeepSeek's names for the same split: hit + miss = prompt_tokens.
+    prompt_cache_hit_tokens: int = 0
+    prompt_cache_miss_tokens: int = 0
+    kvferry: KvferryUsage = Field(default_factory=KvferryUsage, description="kvferry's extension: the KV tiers.")
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           by_tier: TokensByTier | None = None) -> Usage:
+        """``by_tier``: the engine's split of ``cached_tokens`` (None: all from the device)."""
+        split = by_tier if by_tier is not None else TokensByTier(device=cached_tokens)
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            prompt_cache_hit_tokens=cached_tokens,
+            prompt_cache_miss_tokens=prompt_tokens - cached_tokens,
+            kvferry=KvferryUsage(cached_tokens_by_tier=CachedTokensByTier(
+                device=split.device, host=split.host, disk=split.disk)),
         )
 
 
@@ -303,16 +346,17 @@ def usage_event(chat: bool, rid: str, model: str, usage: Usage) -> str:
     return f"data: {event.model_dump_json()}\n\n"
 
 
-def sampling_kwargs(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for ``engine.SamplingParams`` from an OpenAI request."""
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """The sampling and cache fields of an OpenAI request, as InferenceRequest fields."""
     return {
-        "max_tokens": req.requested_max_tokens() or default_max_tokens,
+        "max_tokens": req.requested_max_tokens(),
         "temperature": req.temperature,
         "top_p": req.top_p,
         "top_k": req.top_k,
         "seed": req.seed,
-        "stop": req.stop_list(),
+        "stop": tuple(req.stop_list()),
         "ignore_eos": req.ignore_eos,
         "cache_ttl_s": parse_retention(req.retention()),
         "logit_bias": {int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        "prompt_cache_key": req.prompt_cache_key,
     }

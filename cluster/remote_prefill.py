@@ -148,12 +148,17 @@ class RemotePrefill:
                 self.transport.recv, resp.group_id, tid + _NEVER_SENT if drop else tid, resp.shape,
                 dtype_from_str(resp.dtype), self.transfer_timeout_s, resp.backend or None,
             )
-            cached = max(plan.num_local_cached_tokens, resp.num_cached_tokens)
+            # The larger hit counts; the decode side's own hit is on its device (the plan
+            # holds only device blocks), the prefill side says where its hit came from.
+            if resp.num_cached_tokens >= plan.num_local_cached_tokens:
+                cached, split = resp.num_cached_tokens, resp.cached_tokens_by_tier
+            else:
+                cached, split = plan.num_local_cached_tokens, None
             # The origin must be set before the first output can be dispatched.
             if rid in self._origin:
                 self._origin[rid] = resp.replica_id
             landed = await self.loop.submit(
-                LandRemoteKV(rid, tuple(plan.block_ids), buf, resp.first_token_id, cached)
+                LandRemoteKV(rid, tuple(plan.block_ids), buf, resp.first_token_id, cached, split)
             )
             if landed:
                 self.num_remote_prefills += 1

@@ -17,6 +17,7 @@ delegate every method. It owns:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,7 @@ from cluster.wire import (
     GenerateRequest,
     GetStats,
     ModelInfo,
+    PinResult,
     PrefillRefused,
     PrefillRequest,
     PrefillResult,
@@ -169,7 +171,8 @@ class ReplicaCore:
         try:
             try:
                 stream = await self.loop.add_request(
-                    AddRequest(rid, request.prompt_token_ids, request.params, remote_prefill=use_remote)
+                    AddRequest(rid, request.prompt_token_ids, request.params, remote_prefill=use_remote,
+                               pin=request.pin)
                 )
             except ContextLengthExceeded as e:
                 yield ApiError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param=request.prompt_param)
@@ -185,6 +188,10 @@ class ReplicaCore:
                 yield ApiError(503, "the decode replica is restarting, retry later", code=DECODE_POOL_UNAVAILABLE)
                 return
             async for item in self._chunks(rid, stream, remote):
+                if request.pin is not None and isinstance(item, StreamChunk) and item.finished:
+                    # The engine pinned (or refused) in the step that finished the request.
+                    tokens, why = await self.loop.submit(PinResult(request.pin.pin_id))
+                    item = dataclasses.replace(item, pinned_tokens=tokens, pin_refusal=why)
                 yield item
         finally:
             if remote is not None:
@@ -221,6 +228,8 @@ class ReplicaCore:
                     cached_tokens=out.num_cached_tokens,
                     prefill_replica=remote.origin(rid) if remote is not None else LOCAL,
                     decode_replica=self.replica_id,
+                    stop_string=out.stop_string,
+                    cached_tokens_by_tier=out.cached_tokens_by_tier,
                 )
         except EngineDeadError as e:
             logger.error("request %s lost its decode engine: %r", rid, e)
@@ -268,6 +277,7 @@ class ReplicaCore:
             dtype=result.dtype,
             backend=result.backend,
             replica_id=self.replica_id,
+            cached_tokens_by_tier=final.cached_tokens_by_tier,
         )
 
     async def _finish_send(self, rid: str, handle: Any) -> None:

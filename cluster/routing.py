@@ -25,13 +25,18 @@ from cluster.wire import GetCacheSnapshot
 logger = logging.getLogger(__name__)
 
 
-def routing_hints(token_ids: Sequence[int], block_size: int, model_id: str, salt: str | None = None) -> Any:
-    """``router.hints.RoutingHints`` for a prompt."""
+def routing_hints(token_ids: Sequence[int], block_size: int, model_id: str, salt: str | None = None,
+                  cache_key: str | None = None, prefer_replica: str | None = None) -> Any:
+    """``router.hints.RoutingHints`` for a prompt. A ``prompt_cache_key`` travels only as a
+    hash with the tenant's salt (routers never see it, nor group two tenants' keys)."""
+    import xxhash
+
     from engine.block_hash import hash_prompt_blocks
     from router.hints import RoutingHints
 
     hashes = hash_prompt_blocks(token_ids, block_size, model_id, salt)
-    return RoutingHints(tuple(hashes), len(token_ids), block_size)
+    key = None if cache_key is None else xxhash.xxh3_128_hexdigest(f"{salt}\x00{cache_key}".encode())
+    return RoutingHints(tuple(hashes), len(token_ids), block_size, cache_key=key, prefer_replica=prefer_replica)
 
 
 class EventPump:

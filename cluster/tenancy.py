@@ -10,9 +10,13 @@ ingress: only a one-way hash of it does.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs
+
 import xxhash
 
 ANONYMOUS = "anonymous"
+# Gemini clients send their key as ``x-goog-api-key`` or ``?key=``, on these paths only.
+GOOGLE_PATH_PREFIX = "/v1beta/"
 
 
 def api_key_from_headers(authorization: str | None, x_api_key: str | None = None) -> str | None:
@@ -24,6 +28,21 @@ def api_key_from_headers(authorization: str | None, x_api_key: str | None = None
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()
     return None
+
+
+def google_api_key(x_goog_api_key: str | None, query_string: bytes | str = b"") -> str | None:
+    """Gemini's key: the ``x-goog-api-key`` header, else the ``key`` query parameter."""
+    if x_goog_api_key and x_goog_api_key.strip():
+        return x_goog_api_key.strip()
+    qs = query_string.decode("latin-1") if isinstance(query_string, bytes) else query_string
+    values = parse_qs(qs).get("key")
+    return values[0].strip() if values and values[0].strip() else None
+
+
+def owner_id(api_key: str | None) -> str:
+    """Who owns an explicit cache: a one-way hash of the API key (whatever the isolation
+    setting: a cache is always private to the key that made it)."""
+    return cache_salt(api_key, "api_key") or ANONYMOUS
 
 
 def cache_salt(api_key: str | None, isolation: str = "api_key") -> str | None:

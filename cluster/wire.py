@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.transport.base import TransportEndpoint
-from engine.outputs import EngineStats
+from engine.outputs import EngineStats, TokensByTier
 from engine.sampling_params import SamplingParams
 
 # Machine-readable error codes (production-stack style: "503 PREFILL_POOL_UNAVAILABLE: ...").
@@ -95,6 +95,16 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class PinAsk:
+    """Pin the first ``num_tokens`` prompt tokens under ``pin_id`` until ``expires_at``
+    (wall clock) once the request finishes: an explicit cache (``engine.pins``)."""
+
+    pin_id: str
+    expires_at: float
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """Ingress -> decode (or mixed) replica: one request, already tokenized and validated."""
 
@@ -104,6 +114,8 @@ class GenerateRequest:
     params: SamplingParams
     # The request field prompt errors name: "messages" (chat) or "prompt" (completions).
     prompt_param: str = "prompt"
+    # Explicit caches: pin the prompt's prefix on the replica that serves it.
+    pin: PinAsk | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,13 @@ class StreamChunk:
     # Which replicas served the request ("local": the decode replica prefilled it).
     prefill_replica: str
     decode_replica: str
+    # Finished chunk of a request with a PinAsk: prompt tokens pinned (0: refused, see pin_refusal).
+    pinned_tokens: int = 0
+    pin_refusal: str | None = None
+    # The stop string that ended the request (finished chunk only; None: EOS or no stop).
+    stop_string: str | None = None
+    # cached_tokens split by the KV tier the blocks came from.
+    cached_tokens_by_tier: TokensByTier = TokensByTier()
 
 
 # What a decode replica's stream yields: chunks, or one error and nothing after it.
@@ -156,6 +175,8 @@ class PrefillResult:
     # The transport backend carrying the KV ("gloo", "nccl", "cuda_ipc").
     backend: str
     replica_id: str
+    # num_cached_tokens split by the KV tier the prefill replica found the blocks in.
+    cached_tokens_by_tier: TokensByTier = TokensByTier()
 
 
 @dataclass(frozen=True)
@@ -196,10 +217,13 @@ class AddRequest:
     params: SamplingParams
     remote_prefill: bool = False
     export_from_block: int | None = None
+    pin: PinAsk | None = None
 
     def apply(self, engine: Any) -> None:
         engine.add_request(self.request_id, list(self.prompt_token_ids), self.params,
                            remote_prefill=self.remote_prefill, export_from_block=self.export_from_block)
+        if self.pin is not None:
+            engine.pin_on_finish(self.request_id, self.pin.pin_id, self.pin.expires_at, self.pin.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -261,13 +285,14 @@ class LandRemoteKV:
     buffer: Any  # torch.Tensor (L, 2, n, block_size, H_kv, D)
     first_token_id: int
     num_cached_tokens: int
+    cached_tokens_by_tier: TokensByTier | None = None
 
     def apply(self, engine: Any) -> bool:
         kv = engine.kv_transfer
         if not kv.is_waiting(self.request_id):
             return False
         kv.write_blocks(list(self.block_ids), self.buffer)
-        kv.complete(self.request_id, self.first_token_id, self.num_cached_tokens)
+        kv.complete(self.request_id, self.first_token_id, self.num_cached_tokens, self.cached_tokens_by_tier)
         return True
 
 
@@ -281,4 +306,40 @@ class FailRemoteKV:
         engine.kv_transfer.fail(self.request_id)
 
 
-EngineCommand = AddRequest | Abort | GetStats | GetCacheSnapshot | ReadExport | ReleaseExport | LandRemoteKV | FailRemoteKV
+@dataclass(frozen=True)
+class PinResult:
+    """(tokens pinned, why not) of the request that asked to pin ``pin_id``."""
+
+    pin_id: str
+
+    def apply(self, engine: Any) -> tuple[int, str | None]:
+        return engine.pins.result(self.pin_id)
+
+
+@dataclass(frozen=True)
+class ListPins:
+    """The ids of the engine's pins."""
+
+    def apply(self, engine: Any) -> list[str]:
+        return engine.pins.ids()
+
+
+@dataclass(frozen=True)
+class SyncPins:
+    """Keep the pins the registry still lists (with its expiry), release the others."""
+
+    checked: tuple[str, ...]
+    live: dict[str, float]
+
+    def apply(self, engine: Any) -> int:
+        now, released = engine.clock(), 0
+        for pin_id in self.checked:
+            if pin_id in self.live:
+                engine.pins.set_expiry(pin_id, self.live[pin_id], now)
+            else:
+                released += engine.pins.unpin(pin_id, now)
+        return released
+
+
+EngineCommand = (AddRequest | Abort | GetStats | GetCacheSnapshot | ReadExport | ReleaseExport | LandRemoteKV
+                 | FailRemoteKV | PinResult | ListPins | SyncPins)

@@ -11,7 +11,7 @@ from engine.config import EngineConfig
 from engine.errors import ContextLengthExceeded
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, KVExport, RemotePrefillPlan, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import CacheBreakpoint, SamplingParams
 
 __all__ = [
     "ContextLengthExceeded",
@@ -21,5 +21,6 @@ __all__ = [
     "LLMEngine",
     "RemotePrefillPlan",
     "RequestOutput",
+    "CacheBreakpoint",
     "SamplingParams",
 ]

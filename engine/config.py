@@ -46,6 +46,33 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context limit (capped by the model's own); None = the model's.")
     default_ttl_s: float = Field(300.0, gt=0, description="Prompt-cache TTL of a block when the request asks for none, seconds.")
     max_ttl_s: float = Field(3600.0, gt=0, description="Longest prompt-cache TTL a request may ask for, seconds.")
+    max_pinned_fraction: float = Field(
+        0.5, ge=0, le=0.9, description="Most of the KV blocks explicit caches may pin at once (the rest stay "
+        "for running requests); a pin over the cap is refused.",
+    )
+    device_ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a cached block stays idle on the device before it is demoted to the host or "
+        "disk tier (only when one is on: without a lower tier the device keeps a block its whole lifetime).",
+    )
+    host_kv_bytes: int = Field(
+        0, ge=0, description="Host-memory KV tier, bytes (pinned on CUDA); 0 turns the host tier off."
+    )
+    host_ttl_s: float = Field(
+        3600.0, gt=0, description="Longest a block stays in the host tier after its last use, seconds."
+    )
+    disk_kv_dir: str | None = Field(
+        None,
+        description="Directory of the disk KV tier (block files, shared safely by several engines); "
+        "None turns the disk tier off.",
+    )
+    disk_kv_bytes: int = Field(
+        16 << 30, gt=0, description="Most bytes of block files under disk_kv_dir (all engines sharing it together)."
+    )
+    disk_ttl_s: float = Field(
+        86400.0, gt=0, description="Longest a block stays in the disk tier after its last use, seconds."
+    )
     local_prefill_threshold: int = Field(
         64,
         ge=0,

@@ -31,6 +31,8 @@ class StopChecker:
         # stop string already cut the text (nothing after it may be added then).
         self._ids: list[int] = []
         self._cut = False
+        # The stop string that ended the text, if one did (Anthropic's ``stop_sequence``).
+        self.matched: str | None = None
 
     def update(self, token_ids: list[int]) -> bool:
         """Take the output ids so far; return True when a stop string appeared (text is cut before it)."""
@@ -49,15 +51,16 @@ class StopChecker:
             return False
         # Only the tail can hold a new match: a stop string may straddle old and new text.
         search_from = max(0, min(old_len, len(self.text)) - self.holdback - 1)
-        cut = -1
+        cut, matched = -1, None
         for s in self.stop:
             i = self.text.find(s, search_from)
             if i != -1 and (cut == -1 or i < cut):
-                cut = i
+                cut, matched = i, s
         if cut == -1:
             return False
         self.text = self.text[:cut]
         self._cut = True
+        self.matched = matched
         return True
 
     def flush(self) -> None:

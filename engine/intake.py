@@ -33,6 +33,9 @@ def make_request(
     ttl = params.cache_ttl_s if params.cache_ttl_s is not None else config.default_ttl_s
     if ttl > config.max_ttl_s:
         raise ValueError(f"cache TTL {ttl:g}s exceeds the maximum of {config.max_ttl_s:g}s")
+    for bp in params.cache_breakpoints:
+        if bp.ttl_s > config.max_ttl_s:
+            raise ValueError(f"cache breakpoint TTL {bp.ttl_s:g}s exceeds the maximum of {config.max_ttl_s:g}s")
     if remote_prefill and config.role != "decode":
         raise ValueError("remote_prefill needs an engine with role='decode'")
     if export_from_block is not None and config.role != "prefill":

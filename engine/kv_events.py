@@ -47,10 +47,14 @@ class BlockTouched:
 
 @dataclass(frozen=True, slots=True)
 class BlockMoved:
-    """Cached blocks moved to another tier (demotion under memory pressure)."""
+    """Cached blocks moved to another tier (demotion when they leave the device pool, or
+    promotion back on a hit). A hash lives in exactly one tier of a replica at a time."""
 
     hashes: tuple[BlockHash, ...]
+    # The tier the blocks are in now.
     tier: Tier
+    # Their expiry in the new tier (each tier has its own TTL); None keeps the old expiry.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ import torch
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
-from engine.outputs import KVExport, RemotePrefillPlan
+from engine.outputs import KVExport, RemotePrefillPlan, TokensByTier
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 
@@ -144,11 +144,18 @@ class KVTransfer:
         """True while ``request_id`` still owns its reserved blocks and awaits its KV."""
         return request_id in self._scheduler.remote_waiting
 
-    def complete(self, request_id: str, first_token_id: int, num_cached_tokens: int | None = None) -> None:
+    def complete(
+        self,
+        request_id: str,
+        first_token_id: int,
+        num_cached_tokens: int | None = None,
+        cached_tokens_by_tier: TokensByTier | None = None,
+    ) -> None:
         """The prompt KV landed: resume decoding after the sender's first token.
 
         ``num_cached_tokens`` (the sender's prompt-cache hit) replaces this replica's own
-        count in the request's outputs when given. Ignored when the request no longer waits.
+        count in the request's outputs when given, and ``cached_tokens_by_tier`` its split
+        (without one, the tokens count as device hits). Ignored when the request no longer waits.
         """
         req = self._scheduler.remote_waiting.get(request_id)
         if req is None:
@@ -157,6 +164,8 @@ class KVTransfer:
         self._scheduler.complete_remote(req, now)
         if num_cached_tokens is not None:
             req.num_cached_tokens = num_cached_tokens
+            split = cached_tokens_by_tier or TokensByTier(device=num_cached_tokens)
+            req.cached_tokens_by_tier = split if split.total == num_cached_tokens else TokensByTier(num_cached_tokens)
         self._on_first_token(req, int(first_token_id), now)
 
     def fail(self, request_id: str) -> None:

@@ -23,12 +23,14 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.intake import make_request
 from engine.kv_cache_manager import KVCacheManager
-from engine.kv_events import CacheSnapshot, KVEventBatch
+from engine.kv_events import CacheSnapshot, KVEventBatch, Tier
+from engine.kv_tiers.build import build_tiers, tier_lifetimes
 from engine.kv_transfer import KVTransfer
 from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.models import resolve_dtype
 from engine.output_processor import make_error_output, make_output, stop_status
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, TierStats
+from engine.pins import PinTable
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingFailure
 from engine.sampling_params import SamplingParams
@@ -68,29 +70,14 @@ class LLMEngine:
         self.device = torch.device(config.device)
 
         num_blocks = num_kv_blocks(config, model_config, self.kv_dtype)
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, ttl_cap_s=tier_lifetimes(config).cap(Tier.DEVICE))
         self.kv = KVCacheManager(self.pool, config.block_size, model_id)
         self.scheduler = Scheduler(config, self.kv)
-        self.runner = ModelRunner(
-            model,
-            num_layers=model_config.num_layers,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            dtype=self.kv_dtype,
-            device=self.device,
-            attention_backend=config.attention_backend,
-            max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            cuda_graph_max_batch=config.cuda_graph_max_batch,
-            fused_kernels=config.fused_kernels,
-            prefill_attention=config.prefill_attention,
-            cpu_linear=config.cpu_linear,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            compile_model=config.compile,
-        )
+        # Explicit caches: prompt prefixes held until their expiry (engine.pins).
+        self.pins = PinTable(self.pool, int(num_blocks * config.max_pinned_fraction))
+        self.runner = self._build_runner(model, model_config, num_blocks)
+        # Host and disk tiers behind the device pool (engine.kv_tiers); None when off.
+        self.tiers = self.kv.tiers = build_tiers(config, self.pool, self.runner.kv_cache, model, model_id, clock())
         self.kv_transfer = KVTransfer(
             self.scheduler,
             self.kv,
@@ -105,6 +92,29 @@ class LLMEngine:
         self._ids = itertools.count()
         self._consecutive_step_failures = 0
         self._prompt_tokenizer: PromptTokenizer | None = None
+
+    def _build_runner(self, model: torch.nn.Module, model_config: Any, num_blocks: int) -> ModelRunner:
+        """The model runner over this engine's KV pool and settings."""
+        return ModelRunner(
+            model,
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            num_blocks=num_blocks,
+            block_size=self.config.block_size,
+            dtype=self.kv_dtype,
+            device=self.device,
+            attention_backend=self.config.attention_backend,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.config.max_num_seqs,
+            enforce_eager=self.config.enforce_eager,
+            cuda_graph_max_batch=self.config.cuda_graph_max_batch,
+            fused_kernels=self.config.fused_kernels,
+            prefill_attention=self.config.prefill_attention,
+            cpu_linear=self.config.cpu_linear,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            compile_model=self.config.compile,
+        )
 
     @classmethod
     def from_pretrained(
@@ -184,8 +194,17 @@ class LLMEngine:
         self._requests[request_id] = req
         self.scheduler.add(req)
 
+    def pin_on_finish(self, request_id: str, pin_id: str, expires_at: float, num_tokens: int) -> None:
+        """When ``request_id`` finishes normally, pin the cached full blocks of its first
+        ``num_tokens`` prompt tokens under ``pin_id`` until ``expires_at`` (engine clock),
+        before its own references drop; read the outcome with ``pins.result(pin_id)``."""
+        if request_id not in self._requests:
+            raise ValueError(f"unknown request {request_id!r}")
+        self.pins.ask(request_id, pin_id, expires_at, num_tokens)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (or end its export lease); unknown ids are ignored."""
+        self.pins.forget(request_id)
         if self.kv_transfer.has_export(request_id):
             self.kv_transfer.release_export(request_id)
             return
@@ -232,9 +251,14 @@ class LLMEngine:
         """
         now = self.clock()
         self.kv_transfer.expire_leases(now)
+        self.pins.maintain(now)
+        if self.tiers is not None:
+            self.tiers.poll(now)
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule(now)
         if sched.num_tokens == 0:
+            if self.scheduler.promoting and self.tiers is not None:
+                self.tiers.wait_for_progress(0.01)  # only promotions in flight: don't spin
             return outputs
         try:
             tokens = self.runner.execute(sched)
@@ -257,6 +281,7 @@ class LLMEngine:
                 # A prefill replica's job ends with the first token: lease the blocks out.
                 self.kv_transfer.start_export(req, status or RequestStatus.FINISHED_LENGTH, now)
             elif status is not None:
+                self.pins.on_finish(req, self.kv, now)  # before its references drop
                 self.scheduler.finish(req, status, now)
             out = make_output(req, self.kv_transfer.export_of(req.request_id))
         except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
@@ -291,6 +316,7 @@ class LLMEngine:
     def _fail_request(self, req: Request, message: str, now: float) -> RequestOutput:
         """Finish ``req`` with ``FINISHED_ERROR`` (freeing or un-leasing its blocks)."""
         req.error = message
+        self.pins.forget(req.request_id)
         if self.kv_transfer.has_export(req.request_id):
             self.kv_transfer.release_export(req.request_id)
         elif not req.status.finished:
@@ -311,18 +337,26 @@ class LLMEngine:
     def cache_snapshot(self) -> CacheSnapshot:
         """Every cached block now (events not yet drained are already reflected)."""
         now = self.clock()
-        return CacheSnapshot(self.config.replica_id, self._event_seq_no - 1, now, self.pool.cached_entries(now))
+        blocks = self.pool.cached_entries(now) + (self.tiers.entries(now) if self.tiers is not None else [])
+        return CacheSnapshot(self.config.replica_id, self._event_seq_no - 1, now, blocks)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (benchmarks measure compute, not the cache)."""
+        """Forget every cached block, in every tier (benchmarks measure compute, not the cache)."""
         self.pool.clear_cache()
+        if self.tiers is not None:
+            self.tiers.clear()
+
+    def close(self) -> None:
+        """Finish queued disk-tier writes and stop its IO thread (the engine is done)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def stats(self) -> EngineStats:
         """A load snapshot for routers and metrics."""
         s = self.scheduler
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=len(s.waiting) + len(s.promoting),
             num_waiting_for_remote_kv=len(s.remote_waiting),
             num_free_blocks=self.pool.num_free_blocks,
             num_total_blocks=self.pool.num_blocks,
@@ -335,6 +369,13 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_expired_blocks=self.pool.num_expired,
             num_evicted_blocks=self.pool.num_evicted,
+            num_pins=self.pins.num_pins,
+            num_pinned_blocks=self.pins.num_pinned_blocks,
+            num_pinned_tokens=self.pins.num_pinned_tokens,
+            num_expired_pins=self.pins.num_expired,
+            kv_block_bytes=self.runner.kv_cache[:, :, 0].nbytes,
+            prefix_cache_hits_by_tier=self.kv.hit_tokens_by_tier,
+            tiers=self.tiers.stats() if self.tiers is not None else TierStats(),
         )
 
 

@@ -51,7 +51,9 @@ def make_output(req: Request, kv_export: KVExport | None = None) -> RequestOutpu
         finish_reason=req.status.finish_reason,
         num_prompt_tokens=req.num_prompt_tokens,
         num_cached_tokens=max(req.num_cached_tokens, 0),
+        cached_tokens_by_tier=req.cached_tokens_by_tier,
         kv_export=kv_export,
+        stop_string=checker.matched if finished else None,
     )
 
 
@@ -69,5 +71,6 @@ def make_error_output(req: Request, message: str) -> RequestOutput:
         finish_reason=RequestStatus.FINISHED_ERROR.finish_reason,
         num_prompt_tokens=req.num_prompt_tokens,
         num_cached_tokens=max(req.num_cached_tokens, 0),
+        cached_tokens_by_tier=req.cached_tokens_by_tier,
         error=message,
     )

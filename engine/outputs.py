@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 
@@ -34,6 +34,53 @@ class RemotePrefillPlan:
     num_local_cached_tokens: int
 
 
+@dataclass(frozen=True)
+class TokensByTier:
+    """A token count split by the KV tier the tokens came from."""
+
+    device: int = 0
+    host: int = 0
+    disk: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host + self.disk
+
+    def __add__(self, other: TokensByTier) -> TokensByTier:
+        return TokensByTier(self.device + other.device, self.host + other.host, self.disk + other.disk)
+
+
+@dataclass
+class TierStats:
+    """The host and disk KV tiers of one engine: sizes now, and cumulative counters."""
+
+    host_capacity_blocks: int = 0
+    # Blocks the host tier holds; rows still read by in-flight promotions.
+    host_blocks: int = 0
+    host_busy_blocks: int = 0
+    disk_capacity_bytes: int = 0
+    # Blocks (and their file bytes) this engine holds in the disk tier.
+    disk_blocks: int = 0
+    disk_bytes: int = 0
+    # Bytes of one KV block (all layers) in host memory.
+    block_bytes: int = 0
+    # Blocks moved into the host / disk tier (demotions) and back to the device (promotions).
+    num_demoted_to_host: int = 0
+    num_demoted_to_disk: int = 0
+    num_promoted_from_host: int = 0
+    num_promoted_from_disk: int = 0
+    # Promoted blocks whose KV could not be read back (a corrupt or vanished file): a miss.
+    num_failed_promotions: int = 0
+    # Blocks leaving the host / disk tier at their TTL there, or for room before it.
+    num_host_expired: int = 0
+    num_host_evicted: int = 0
+    num_disk_expired: int = 0
+    num_disk_evicted: int = 0
+    # Latest promotion latencies (seconds from launch to KV in place), and how many ever.
+    recent_promote_seconds: tuple[float, ...] = ()
+    num_promotions: int = 0
+
+
 @dataclass
 class RequestOutput:
     """A request's progress after a step (cumulative plus this step's delta)."""
@@ -54,10 +101,14 @@ class RequestOutput:
     num_prompt_tokens: int
     # Prompt tokens served from the prompt cache instead of computed.
     num_cached_tokens: int
+    # num_cached_tokens split by the tier the blocks were found in (device, host, disk).
+    cached_tokens_by_tier: TokensByTier = field(default_factory=TokensByTier)
     # Prefill role: the leased blocks to ship (final output only).
     kv_export: KVExport | None = None
     # finish_reason "error": what failed for this request alone (a message, never a trace).
     error: str | None = None
+    # finish_reason "stop" on a stop string: which one (None for an end-of-sequence token).
+    stop_string: str | None = None
 
 
 @dataclass
@@ -65,6 +116,7 @@ class EngineStats:
     """A load snapshot for routers and metrics."""
 
     num_running: int = 0
+    # Queued, or waiting for their cached prefix to come back from the host or disk tier.
     num_waiting: int = 0
     num_waiting_for_remote_kv: int = 0
     num_free_blocks: int = 0
@@ -85,3 +137,15 @@ class EngineStats:
     # Cumulative cached blocks dropped at their TTL / evicted for room before it.
     num_expired_blocks: int = 0
     num_evicted_blocks: int = 0
+    # Explicit caches (engine.pins): pins held, the blocks and prompt tokens they hold
+    # (blocks count as used in kv_usage), and pins ended at their expiry (cumulative).
+    num_pins: int = 0
+    num_pinned_blocks: int = 0
+    num_pinned_tokens: int = 0
+    num_expired_pins: int = 0
+    # Bytes of one KV block (all layers, keys and values).
+    kv_block_bytes: int = 0
+    # Cumulative prefix-cache hits split by tier (sums to prefix_cache_hits).
+    prefix_cache_hits_by_tier: TokensByTier = field(default_factory=TokensByTier)
+    # Host and disk tiers (all zero when the engine has none).
+    tiers: TierStats = field(default_factory=TierStats)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from engine.block_hash import BlockHash
 from engine.detokenizer import StopChecker
+from engine.outputs import TokensByTier
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -17,10 +18,13 @@ if TYPE_CHECKING:
 class RequestStatus(enum.Enum):
     """Lifecycle: WAITING -> RUNNING -> FINISHED_*. Preemption frees a running request's
     blocks and puts it back to WAITING, at the head of the queue, to be recomputed.
-    Decode role: WAITING -> WAITING_FOR_REMOTE_KV -> RUNNING (or back to WAITING on failure)."""
+    Decode role: WAITING -> WAITING_FOR_REMOTE_KV -> RUNNING (or back to WAITING on failure).
+    A prefix hit in the host or disk tier: WAITING -> WAITING_FOR_KV_PROMOTION -> RUNNING
+    once its blocks are back on the device (or back to WAITING if one could not be read)."""
 
     WAITING = "waiting"
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    WAITING_FOR_KV_PROMOTION = "waiting_for_kv_promotion"
     RUNNING = "running"
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
@@ -70,6 +74,10 @@ class Request:
     num_computed_tokens: int = 0
     # Prompt tokens served from the prompt cache at first admission (-1: not admitted yet).
     num_cached_tokens: int = -1
+    # The same, split by the tier the blocks were found in.
+    cached_tokens_by_tier: TokensByTier = field(default_factory=TokensByTier)
+    # Split of the latest prefix hit taken (becomes cached_tokens_by_tier at first admission).
+    hit_by_tier: TokensByTier = field(default_factory=TokensByTier)
     # KV blocks in order; block i holds tokens [i * block_size, (i + 1) * block_size).
     blocks: list[KVBlock] = field(default_factory=list)
     # Chained hashes of the full blocks of all_token_ids computed so far (lazily extended).
@@ -100,6 +108,16 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def block_ttl_s(self, index: int, block_size: int) -> float:
+        """Prompt-cache TTL of this request's block ``index``: the longest of the default and
+        of every breakpoint whose prefix covers the whole block."""
+        end = (index + 1) * block_size
+        ttl = self.ttl_s
+        for bp in self.params.cache_breakpoints:
+            if bp.num_tokens >= end and bp.ttl_s > ttl:
+                ttl = bp.ttl_s
+        return ttl
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -12,6 +12,25 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0
 
 
+@dataclass(frozen=True, slots=True)
+class CacheBreakpoint:
+    """A cache breakpoint (Anthropic ``cache_control``): the prompt's first ``num_tokens``
+    tokens are cached for ``ttl_s`` seconds, sliding on every hit."""
+
+    num_tokens: int
+    ttl_s: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"a cache breakpoint needs num_tokens >= 1, got {self.num_tokens!r}")
+        if not (math.isfinite(self.ttl_s) and self.ttl_s > 0):
+            raise ValueError(f"a cache breakpoint needs a positive ttl_s, got {self.ttl_s!r}")
+
+
+# More breakpoints than any API surface allows (Anthropic: 4): a bound, not a policy.
+MAX_CACHE_BREAKPOINTS = 16
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's tokens and how long to cache its prompt."""
@@ -34,6 +53,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Prompt-cache TTL asked for, seconds; None = the engine's default; clamped to its maximum.
     cache_ttl_s: float | None = None
+    # Longer TTLs for prefixes of the prompt (the prefix up to each breakpoint); blocks past
+    # the last breakpoint keep cache_ttl_s. A block gets the longest TTL that covers it.
+    cache_breakpoints: tuple[CacheBreakpoint, ...] = ()
     # Tenant salt folded into the block hashes: tenants never share cached blocks.
     cache_salt: str | None = None
     # Added to the logits of these token ids before sampling (OpenAI logit_bias, -100..100).
@@ -54,6 +76,11 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.cache_ttl_s is not None and self.cache_ttl_s <= 0:
             raise ValueError(f"cache_ttl_s must be positive, got {self.cache_ttl_s}")
+        self.cache_breakpoints = tuple(self.cache_breakpoints)
+        if len(self.cache_breakpoints) > MAX_CACHE_BREAKPOINTS:
+            raise ValueError(f"at most {MAX_CACHE_BREAKPOINTS} cache breakpoints, got {len(self.cache_breakpoints)}")
+        if any(not isinstance(bp, CacheBreakpoint) for bp in self.cache_breakpoints):
+            raise ValueError("cache_breakpoints must be CacheBreakpoint values")
         for token, bias in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")

@@ -9,9 +9,16 @@ comes straight back from the prompt cache). Waiting requests are then admitted i
 arrival order while budget, sequence slots and blocks last, each starting after its
 cached prefix. Prefill chunks and decode tokens share one step.
 
+A request whose cached prefix is partly in the host or disk tier reserves device blocks
+for it and parks in ``WAITING_FOR_KV_PROMOTION`` while the blocks are copied back (other
+requests keep running); it joins the running requests once they are all in place, or
+goes back to the head of the queue if one could not be read (then it is a plain miss).
+
 Decode role: a request flagged ``remote_prefill`` reserves blocks for its whole prompt
 and parks in ``WAITING_FOR_REMOTE_KV`` with a :class:`RemotePrefillPlan`, unless fewer than
 ``local_prefill_threshold`` of its tokens are uncached, in which case it prefills here.
+Host and disk hits count as cached: they are promoted while the prefill replica computes
+the rest, and a request whose KV lands before its promotion is done waits for it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.kv_cache_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager, PrefixHit, PrefixState
 from engine.outputs import RemotePrefillPlan
 from engine.request import Request, RequestStatus
 
@@ -72,6 +79,8 @@ class Scheduler:
         self.running: list[Request] = []
         # Decode role: requests parked until their prompt KV lands, by id.
         self.remote_waiting: dict[str, Request] = {}
+        # Requests parked until their cached prefix is promoted back to the device, by id.
+        self.promoting: dict[str, Request] = {}
         self.pending_plans: list[RemotePrefillPlan] = []
         self.num_preemptions = 0
 
@@ -81,11 +90,12 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.remote_waiting)
+        return len(self.waiting) + len(self.running) + len(self.remote_waiting) + len(self.promoting)
 
     def num_queued_prefill_tokens(self) -> int:
         """Prompt tokens admitted or waiting but not yet computed (a load signal)."""
         queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        queued += sum(r.num_tokens - r.num_computed_tokens for r in self.promoting.values())
         queued += sum(
             r.num_tokens - r.num_computed_tokens - 1
             for r in self.running
@@ -98,6 +108,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
+        if self.promoting:
+            self._resume_promoted(now)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -125,7 +137,7 @@ class Scheduler:
             num_cached = len(cached) * self.block_size
             if req.remote_prefill:
                 if req.num_prompt_tokens - num_cached >= self.config.local_prefill_threshold:
-                    if not self._park_for_remote_kv(req, cached, num_cached, now):
+                    if not self._park_for_remote_kv(req, cached, now):
                         break
                     continue
                 req.remote_prefill = False
@@ -133,6 +145,11 @@ class Scheduler:
             if not self.kv.allocate(req, n, now, cached):
                 break
             self.waiting.popleft()
+            req.hit_by_tier = self.kv.split_by_tier(cached)
+            if self.kv.prefix_state(req) != PrefixState.READY:
+                req.status = RequestStatus.WAITING_FOR_KV_PROMOTION
+                self.promoting[req.request_id] = req
+                continue
             self._record_admission(req, num_cached)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -144,18 +161,40 @@ class Scheduler:
         return out
 
     def _has_seq_slot(self) -> bool:
-        return len(self.running) + len(self.remote_waiting) < self.config.max_num_seqs
+        busy = len(self.running) + len(self.remote_waiting) + len(self.promoting)
+        return busy < self.config.max_num_seqs
 
     def _record_admission(self, req: Request, num_cached: int) -> None:
         if req.num_cached_tokens < 0:  # first admission, not a re-admission after preemption
             req.num_cached_tokens = num_cached
-            self.kv.record_lookup(req.num_tokens, num_cached)
+            req.cached_tokens_by_tier = req.hit_by_tier
+            self.kv.record_lookup(req.num_tokens, req.hit_by_tier)
 
-    def _park_for_remote_kv(self, req: Request, cached: list, num_cached: int, now: float) -> bool:
+    def _resume_promoted(self, now: float) -> None:
+        """Requests whose promoted prefix landed start running; failed ones start over."""
+        for rid, req in list(self.promoting.items()):
+            state = self.kv.prefix_state(req)
+            if state == PrefixState.PENDING:
+                continue
+            del self.promoting[rid]
+            if state == PrefixState.FAILED:
+                self.kv.free(req, now)
+                req.num_computed_tokens = 0
+                req.remote_prefill = False  # recompute here (it may already have its first token)
+                req.status = RequestStatus.WAITING
+                self.waiting.appendleft(req)
+                continue
+            self._record_admission(req, req.num_computed_tokens)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+
+    def _park_for_remote_kv(self, req: Request, cached: PrefixHit, now: float) -> bool:
         """Reserve blocks for the whole prompt and queue a remote-prefill plan."""
+        num_cached = len(cached) * self.block_size
         if not self.kv.allocate(req, req.num_prompt_tokens - num_cached, now, cached):
             return False
         self.waiting.popleft()
+        req.hit_by_tier = self.kv.split_by_tier(cached)
         self._record_admission(req, num_cached)
         req.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.remote_waiting[req.request_id] = req
@@ -191,6 +230,8 @@ class Scheduler:
         elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
             del self.remote_waiting[req.request_id]
             self.pending_plans = [p for p in self.pending_plans if p.request_id != req.request_id]
+        elif req.status == RequestStatus.WAITING_FOR_KV_PROMOTION:
+            del self.promoting[req.request_id]
         req.status = status
         if free_blocks:
             self.kv.free(req, now)
@@ -212,6 +253,10 @@ class Scheduler:
         del self.remote_waiting[req.request_id]
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_full_blocks(req, now)
+        if self.kv.prefix_state(req) != PrefixState.READY:  # its promoted prefix is still copying
+            req.status = RequestStatus.WAITING_FOR_KV_PROMOTION
+            self.promoting[req.request_id] = req
+            return
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
@@ -223,3 +268,4 @@ class Scheduler:
         req.remote_prefill = False
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
+

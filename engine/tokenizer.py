@@ -91,6 +91,32 @@ class PromptTokenizer:
         """Token ids of ``messages`` rendered with the model's chat template."""
         return self.encode_text(render_chat(self.tokenizer, messages, add_generation_prompt))
 
+    def encode_chat_with_marks(
+        self, messages: Sequence[dict[str, Any]], marks: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of ``messages``, and for each mark ``(message index, characters of its
+        text)`` how many leading tokens the conversation up to that point covers.
+
+        That count is the longest common prefix of the whole prompt and the rendering of
+        the conversation cut at the mark: a template closes a message with tokens of its
+        own, which the whole prompt does not share at that point.
+        """
+        ids = self.encode_chat(messages)
+        counts = []
+        for index, chars in marks:
+            if not 0 <= index < len(messages):
+                raise ValueError(f"a cache breakpoint points at message {index}, but there are {len(messages)}")
+            head = [dict(m) for m in messages[: index + 1]]
+            head[-1]["content"] = str(head[-1]["content"])[:chars]
+            cut = self.encode_text(render_chat(self.tokenizer, head, add_generation_prompt=False))
+            n = 0
+            for a, b in zip(ids, cut):
+                if a != b:
+                    break
+                n += 1
+            counts.append(n)
+        return ids, counts
+
     def encode_prompt(self, prompt: str | Sequence[int] | None, messages: Sequence[dict[str, Any]] | None) -> list[int]:
         """The prompt of a chat (``messages``) or completion (``prompt``: text or ids) request."""
         if messages is not None:

@@ -11,11 +11,18 @@ Memory layout (1M resident blocks must stay well under 256 bytes each):
   ``expiry_ms << 18 | tier << 16 | replica_idx``; with several holders the value is a
   tuple of packed ints. No per-entry objects besides the (shared) hash key and one int.
   The record helpers live in ``router.directory_records``; the prefix walk behind
-  ``lookup`` lives in ``router.directory_match``.
+  ``lookup`` lives in ``router.directory_match``; the value types it answers with
+  (``PrefixMatch``, ``DirectoryStats``) in ``router.directory_types``.
 * Expiry order lives in ``_buckets``: exact ``expiry_ms`` -> (list of hashes, array of
-  replica indexes), plus a min-heap of bucket keys. Touches re-file an entry lazily: the
-  old bucket slot becomes stale and is skipped when swept (a slot is live only if the
-  table still records that very expiry for that replica).
+  replica indexes), plus a min-heap of bucket keys. Touches, and tier moves that carry
+  the block's expiry in its new tier (``BlockMoved.expires_at``: a block demoted to host
+  memory lives on for the host tier's TTL), re-file an entry lazily: the old bucket slot
+  becomes stale and is skipped when swept (a slot is live only if the table still records
+  that very expiry for that replica).
+
+Tiers: a hash lives in exactly one tier of a replica at a time; each record carries that
+tier, and ``lookup`` splits a replica's match by tier so the policy can charge a host or
+disk hit its promote cost (``router.policy``).
 
 Sweeping pops buckets in expiry order, so the oldest entries go first (``limit`` makes a
 sweep incremental). ``lookup`` also hides expired-but-unswept entries, so a lazy sweep
@@ -28,7 +35,7 @@ import heapq
 import math
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.block_hash import BlockHash
 from engine.kv_events import (
@@ -42,6 +49,7 @@ from engine.kv_events import (
     Tier,
 )
 from router.directory_match import prefix_counts
+from router.directory_types import ApplyResult, DirectoryStats, PrefixMatch
 from router.directory_records import (
     EXP_SHIFT,
     LOW_MASK,
@@ -52,30 +60,9 @@ from router.directory_records import (
     find_record,
     put_record,
     remove_record,
+    tier_of,
     to_ms,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
-    """How much of a prompt's prefix one replica holds."""
-
-    # Leading blocks of the prompt held (and unexpired) on the replica.
-    num_blocks: int
-    # Slowest tier among those blocks (DEVICE when num_blocks == 0).
-    tier: Tier
-    # Of the num_blocks, how many sit in each tier: (device, host, disk).
-    blocks_per_tier: tuple[int, int, int] = (0, 0, 0)
-
-
-@dataclass(slots=True)
-class ApplyResult:
-    """What ``apply`` learnt from one batch."""
-
-    # Number of events folded in (0 for a duplicate / stale batch).
-    num_events: int
-    # True when the directory missed batches from this replica and wants a snapshot.
-    snapshot_needed: bool
 
 
 @dataclass(slots=True)
@@ -86,16 +73,7 @@ class _ReplicaState:
     num_blocks: int = 0
 
 
-@dataclass(slots=True)
-class DirectoryStats:
-    """Sizes and counters for metrics."""
-
-    num_entries: int
-    num_hashes: int
-    num_replicas: int
-    num_expired: int
-    num_gaps: int
-    replicas_needing_snapshot: list[str] = field(default_factory=list)
+__all__ = ["ApplyResult", "DirectoryStats", "KVDirectory", "PrefixMatch"]
 
 
 class KVDirectory:
@@ -111,6 +89,7 @@ class KVDirectory:
         self._bucket_heap: list[int] = []
         self._needs_snapshot: set[str] = set()
         self._num_entries = 0
+        self._tier_entries = [0, 0, 0]  # entries per tier, for metrics
         self._num_expired = 0
         self._num_gaps = 0
 
@@ -144,7 +123,8 @@ class KVDirectory:
             elif isinstance(ev, BlockTouched):
                 self._touch(rep, ev.hashes, to_ms(ev.expires_at))
             elif isinstance(ev, BlockMoved):
-                self._move(rep, ev.hashes, int(ev.tier))
+                exp = None if ev.expires_at is None else to_ms(ev.expires_at)
+                self._move(rep, ev.hashes, int(ev.tier), exp)
             elif isinstance(ev, BlockRemoved):
                 for h in ev.hashes:
                     self._remove(rep, h)
@@ -204,6 +184,7 @@ class KVDirectory:
             num_expired=self._num_expired,
             num_gaps=self._num_gaps,
             replicas_needing_snapshot=self.replicas_needing_snapshot(),
+            entries_by_tier=(self._tier_entries[0], self._tier_entries[1], self._tier_entries[2]),
         )
 
     # ------------------------------------------------------------------ maintenance
@@ -273,7 +254,7 @@ class KVDirectory:
             for p in (rec,) if type(rec) is int else rec:
                 exp = p >> EXP_SHIFT
                 exp_s = math.inf if exp == NEVER_MS else exp / 1000.0
-                per_rep[p & REP_MASK].append((h, None, Tier((p >> TIER_SHIFT) & 3), exp_s))
+                per_rep[p & REP_MASK].append((h, None, Tier(tier_of(p)), exp_s))
         out = []
         for rid, state in sorted(self._replicas.items()):
             idx = self._rep_idx.get(rid)
@@ -333,11 +314,16 @@ class KVDirectory:
     def _store(self, rep: int, hashes: Sequence[BlockHash], tier: int, exp_ms: int) -> None:
         low = (tier << TIER_SHIFT) | rep
         packed = (exp_ms << EXP_SHIFT) | low
+        tiers = self._tier_entries
         new = 0
         for h in hashes:
-            if put_record(self._table, h, rep, packed):
+            old = put_record(self._table, h, rep, packed)
+            if old is None:
                 new += 1
+            else:
+                tiers[tier_of(old)] -= 1  # re-stored, possibly into another tier
             self._file(h, rep, exp_ms)
+        tiers[tier] += len(hashes)
         self._num_entries += new
         rid = self._rep_ids[rep]
         assert rid is not None
@@ -351,16 +337,26 @@ class KVDirectory:
             put_record(self._table, h, rep, (exp_ms << EXP_SHIFT) | (p & LOW_MASK))
             self._file(h, rep, exp_ms)
 
-    def _move(self, rep: int, hashes: Sequence[BlockHash], tier: int) -> None:
+    def _move(self, rep: int, hashes: Sequence[BlockHash], tier: int, exp_ms: int | None) -> None:
+        """Re-tier blocks; a new expiry (each tier has its own TTL) re-files them for sweep."""
+        tiers = self._tier_entries
         for h in hashes:
             p = find_record(self._table, h, rep)
             if p is None:
-                continue
-            put_record(self._table, h, rep, (p & ~(3 << TIER_SHIFT)) | (tier << TIER_SHIFT))
+                continue  # moved before we saw it stored (we missed it; a gap says so)
+            exp = p >> EXP_SHIFT if exp_ms is None else exp_ms
+            put_record(self._table, h, rep, (exp << EXP_SHIFT) | (tier << TIER_SHIFT) | rep)
+            tiers[tier_of(p)] -= 1
+            tiers[tier] += 1
+            if exp_ms is not None and exp_ms != p >> EXP_SHIFT:
+                # The old bucket slot turns stale (its expiry no longer matches the table).
+                self._file(h, rep, exp_ms)
 
     def _remove(self, rep: int, h: BlockHash) -> bool:
-        if not remove_record(self._table, h, rep):
+        old = remove_record(self._table, h, rep)
+        if old is None:
             return False
+        self._tier_entries[tier_of(old)] -= 1
         self._num_entries -= 1
         rid = self._rep_ids[rep]
         if rid is not None and rid in self._replicas:

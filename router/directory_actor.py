@@ -58,7 +58,7 @@ class KVDirectoryActor:
             while self._dir.sweep(time.time(), limit=self._sweep_limit) == self._sweep_limit:
                 await asyncio.sleep(0)
             s = self._dir.stats()
-            self._metrics.publish(s.num_entries, s.num_expired)
+            self._metrics.publish(s.num_entries, s.num_expired, s.entries_by_tier)
 
     async def apply_batches(self, batches: list[KVEventBatch]) -> list[str]:
         """Fold event batches in; return the replica ids whose snapshot is wanted."""
@@ -95,7 +95,8 @@ class KVDirectoryActor:
         s = self._dir.stats()
         return {"num_entries": s.num_entries, "num_hashes": s.num_hashes, "num_replicas": s.num_replicas,
                 "num_expired": s.num_expired, "num_gaps": s.num_gaps,
-                "replicas_needing_snapshot": s.replicas_needing_snapshot}
+                "replicas_needing_snapshot": s.replicas_needing_snapshot,
+                "entries_by_tier": list(s.entries_by_tier)}
 
 
 def get_or_create_directory(pool: str, namespace: str | None = None, **kwargs: Any) -> ray.actor.ActorHandle:

@@ -52,38 +52,48 @@ def find_record(table: Table, h: BlockHash, rep: int) -> Record | None:
     return None
 
 
-def put_record(table: Table, h: BlockHash, rep: int, packed: Record) -> bool:
-    """Set the (h, rep) record; return True if it is a new entry."""
+def tier_of(packed: Record) -> int:
+    """The tier bits of a record (``engine.kv_events.Tier`` as an int)."""
+    return (packed >> TIER_SHIFT) & 3
+
+
+def put_record(table: Table, h: BlockHash, rep: int, packed: Record) -> Record | None:
+    """Set the (h, rep) record; return the record it replaced (None: a new entry)."""
     rec = table.get(h)
     if rec is None:
         table[h] = packed
-        return True
+        return None
     if type(rec) is int:
         if (rec & REP_MASK) == rep:
             table[h] = packed
-            return False
+            return rec
         table[h] = (rec, packed)
-        return True
+        return None
     for i, p in enumerate(rec):
         if (p & REP_MASK) == rep:
             table[h] = rec[:i] + (packed,) + rec[i + 1 :]
-            return False
+            return p
     table[h] = rec + (packed,)
-    return True
+    return None
 
 
-def remove_record(table: Table, h: BlockHash, rep: int) -> bool:
-    """Drop replica ``rep``'s record of block ``h``; return True if there was one."""
+def remove_record(table: Table, h: BlockHash, rep: int) -> Record | None:
+    """Drop replica ``rep``'s record of block ``h``; return it (None: there was none)."""
     rec = table.get(h)
     if rec is None:
-        return False
+        return None
     if type(rec) is int:
         if (rec & REP_MASK) != rep:
-            return False
+            return None
         del table[h]
-        return True
-    rest = tuple(p for p in rec if (p & REP_MASK) != rep)
-    if len(rest) == len(rec):
-        return False
-    table[h] = rest[0] if len(rest) == 1 else rest
-    return True
+        return rec
+    gone = None
+    rest = []
+    for p in rec:
+        if (p & REP_MASK) == rep:
+            gone = p
+        else:
+            rest.append(p)
+    if gone is not None:
+        table[h] = rest[0] if len(rest) == 1 else tuple(rest)
+    return gone

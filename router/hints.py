@@ -25,6 +25,10 @@ class RoutingHints:
     num_tokens: int
     # Tokens per block (the engine's block_size).
     block_size: int
+    # OpenAI prompt_cache_key, hashed with the tenant's salt: requests sharing it share a replica.
+    cache_key: str | None = None
+    # The replica holding the request's pinned explicit cache: first whenever it can take it.
+    prefer_replica: str | None = None
 
 
 def find_hints(args: Iterable[Any], kwargs: dict[Any, Any]) -> RoutingHints | None:

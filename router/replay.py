@@ -1,6 +1,6 @@
 """Trace-driven simulator of one prefill pool: routing policies compared on real traces.
 
-``kvferry replay TRACE [--replicas N] [--cache-tokens C] [--policies ...]`` runs it
+``kvferry replay TRACE [--replicas N] [--cache-tokens C] [--host-tokens H] [--policies ...]`` runs it
 (the command lives in ``router.replay_cli``, which imports this module, never the
 reverse). Traces are JSONL in the Mooncake format: ``timestamp`` (ms),
 ``input_length``, ``output_length`` and ``hash_ids`` (chained ids of 512-token blocks).
@@ -14,17 +14,24 @@ Service-time model (one replica, documented in docs/replay.md):
 * A replica prefills one request at a time, FIFO (chunked-prefill batching keeps a
   compute-bound GPU at about the same token throughput, so FIFO over tokens is the
   usual first-order model).
-* ``service_s = overhead_s + uncached_tokens / prefill_tokens_per_s``; defaults 20 ms and
-  10,000 tokens/s (an 8B model on one H100-class GPU). Cached tokens are free: the blocks
-  are already in device memory.
+* ``service_s = overhead_s + uncached_tokens / prefill_tokens_per_s + promote_s``;
+  defaults 20 ms and 10,000 tokens/s (an 8B model on one H100-class GPU). Device hits are
+  free; a host or disk hit costs its promote time, ``promote_us_per_token`` per cached
+  token of that tier (defaults: an 8B model's 128 KiB of KV per token over ~25 GB/s of
+  PCIe, and ~5 GB/s of NVMe).
 * ``TTFT = finish - arrival`` (queueing + service). Decode is not simulated.
-* Cache: each replica keeps an LRU of ``cache_tokens // 512`` blocks. A request hits the
-  longest prefix of its ``hash_ids`` present when it *starts*; its blocks are inserted (or
-  refreshed) when it starts, and evicted blocks leave the LRU tail.
-* Events: the replica's stores, touches and evictions reach the directory when the
+* Cache (``router.replay_cache.TieredCache``): per replica a device LRU of
+  ``cache_tokens // 512`` blocks, and optional host and disk LRUs (``host_tokens``,
+  ``disk_tokens``). A block leaving a tier for room or at its TTL is demoted to the next
+  tier (or dropped); per-tier TTLs (device ``ttl_s`` sliding, host ``host_ttl_s``, disk
+  ``disk_ttl_s``). A request hits the longest prefix of its ``hash_ids`` held in any tier
+  when it *starts*; its blocks all end on the device then (hits promoted).
+* Events: the replica's stores, touches, moves and removals reach the directory when the
   request *finishes* (the engine emits them per step; flush latency is folded in), with
-  ``expires_at = finish + ttl_s`` (sliding). The directory is swept every second.
-* Hit rate = cached prompt tokens / prompt tokens (the last token is always computed).
+  ``expires_at = finish + ttl_s`` on the device; TTL demotions when they happen (never
+  before an earlier batch of the same replica). The directory is swept every second.
+* Hit rate = cached prompt tokens / prompt tokens (the last token is always computed),
+  split by the tier each cached token came from.
 
 Policies: ``round_robin``; ``least_loaded`` (least queued prefill work); ``cache_aware``
 (SGLang's router: shortest queue in requests when max - min > 64 and max > 1.5x min,
@@ -38,17 +45,21 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.kv_events import BlockRemoved, BlockStored, BlockTouched, KVEventBatch, Tier
+from engine.kv_events import KVEventBatch
 from router.directory import KVDirectory, PrefixMatch
 from router.policy import PrefillPolicyConfig, ReplicaLoad, RequestInfo, merge_matches, rank_replicas
+from router.replay_cache import TieredCache
 from router.speculative import SpeculativeRoutes
 
 TRACE_BLOCK_TOKENS = 512
+# Promote time per cached token of the modelled GPU replica (an 8B model, 128 KiB of KV
+# per token): host memory over ~25 GB/s of PCIe, disk at ~5 GB/s of NVMe reads.
+GPU_HOST_PROMOTE_US_PER_TOKEN = 5.0
+GPU_DISK_PROMOTE_US_PER_TOKEN = 26.0
 POLICIES = ("round_robin", "least_loaded", "cache_aware", "kvferry")
 
 
@@ -68,9 +79,13 @@ class ServiceModel:
 
     prefill_tokens_per_s: float = 10_000.0
     overhead_s: float = 0.020
+    # Seconds to promote one cached token's KV to the device, per tier (device, host, disk).
+    promote_s_per_token: tuple[float, float, float] = (
+        0.0, GPU_HOST_PROMOTE_US_PER_TOKEN * 1e-6, GPU_DISK_PROMOTE_US_PER_TOKEN * 1e-6)
 
-    def service_s(self, uncached_tokens: int) -> float:
-        return self.overhead_s + uncached_tokens / self.prefill_tokens_per_s
+    def service_s(self, uncached_tokens: int, cached_by_tier: tuple[int, int, int] = (0, 0, 0)) -> float:
+        promote = sum(n * p for n, p in zip(cached_by_tier, self.promote_s_per_token))
+        return self.overhead_s + uncached_tokens / self.prefill_tokens_per_s + promote
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +93,20 @@ class ReplayConfig:
     """One simulation run."""
 
     num_replicas: int = 8
+    # Device tier per replica, tokens, and its sliding TTL.
     cache_tokens: int = 1_000_000
     ttl_s: float = 300.0
     speculative_ttl_s: float = 30.0
     service: ServiceModel = ServiceModel()
+    # The policy's knobs; its promote costs and prefill speed are the service model's.
     policy_config: PrefillPolicyConfig = PrefillPolicyConfig()
+    # Host and disk tiers per replica, tokens (0: off), and their TTLs from demotion.
+    host_tokens: int = 0
+    disk_tokens: int = 0
+    host_ttl_s: float = 3600.0
+    disk_ttl_s: float = 86_400.0
+    # False: the directory hears about the device tier only (a tier-blind router).
+    tier_events: bool = True
 
 
 @dataclass(slots=True)
@@ -91,6 +115,10 @@ class ReplayResult:
 
     policy: str
     hit_rate: float
+    # Share of prompt tokens cached in each tier (they sum to hit_rate).
+    hit_rate_device: float
+    hit_rate_host: float
+    hit_rate_disk: float
     ttft_mean_s: float
     ttft_p50_s: float
     ttft_p90_s: float
@@ -99,6 +127,11 @@ class ReplayResult:
     imbalance: float
     num_requests: int = 0
     ttl_s: float | None = None
+    # The pool's tiers per replica, tokens, and whether the router heard of host/disk.
+    cache_tokens: int = 0
+    host_tokens: int = 0
+    disk_tokens: int = 0
+    tier_events: bool = True
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -107,11 +140,12 @@ class ReplayResult:
 @dataclass(slots=True)
 class _Replica:
     rid: str
-    capacity_blocks: int
-    lru: OrderedDict = field(default_factory=OrderedDict)
+    cache: TieredCache
     free_at: float = 0.0
     work_s: float = 0.0
     seq_no: int = -1
+    # Delivery time of the replica's latest event batch (batches arrive in order).
+    last_batch_at: float = 0.0
     # Finish times of requests not finished yet (cache_aware counts requests).
     outstanding: list[float] = field(default_factory=list)
 
@@ -148,12 +182,17 @@ class PoolSimulator:
     def __init__(self, policy: str, config: ReplayConfig) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-        if config.num_replicas <= 0 or config.cache_tokens < 0:
-            raise ValueError("need at least one replica and a non-negative cache size")
+        if config.num_replicas <= 0 or min(config.cache_tokens, config.host_tokens, config.disk_tokens) < 0:
+            raise ValueError("need at least one replica and non-negative cache sizes")
         self.policy = policy
         self.cfg = config
-        cap = config.cache_tokens // TRACE_BLOCK_TOKENS
-        self.replicas = [_Replica(f"replica-{i}", cap) for i in range(config.num_replicas)]
+        cap = tuple(n // TRACE_BLOCK_TOKENS for n in (config.cache_tokens, config.host_tokens, config.disk_tokens))
+        ttls = (config.ttl_s, config.host_ttl_s, config.disk_ttl_s)
+        self.replicas = [_Replica(f"replica-{i}", TieredCache(cap, ttls, config.tier_events))
+                         for i in range(config.num_replicas)]
+        # The router knows the pool's prefill speed and promote costs (the service model).
+        self.policy_config = replace(config.policy_config, promote_s_per_token=config.service.promote_s_per_token,
+                                     prefill_tokens_per_s=config.service.prefill_tokens_per_s)
         self.directory = KVDirectory()
         self.spec = SpeculativeRoutes(ttl_s=config.speculative_ttl_s)
         self._pending: list[tuple[float, int, int, list]] = []  # (t, tiebreak, replica, events)
@@ -163,8 +202,20 @@ class PoolSimulator:
 
     # -- event plumbing -------------------------------------------------------------
 
+    def _emit(self, ri: int, t: float) -> None:
+        """Queue replica ``ri``'s pending events for delivery at ``t`` (after its earlier ones)."""
+        rep = self.replicas[ri]
+        events = rep.cache.drain()
+        if events:
+            rep.last_batch_at = max(t, rep.last_batch_at)
+            self._n += 1
+            heapq.heappush(self._pending, (rep.last_batch_at, self._n, ri, events))
+
     def _advance(self, now: float) -> None:
-        """Deliver every replica event batch due by ``now`` to the directory."""
+        """Expire blocks due by ``now``; deliver every replica event batch due by ``now``."""
+        for ri, rep in enumerate(self.replicas):
+            rep.cache.expire(now)
+            self._emit(ri, now)
         while self._pending and self._pending[0][0] <= now:
             t, _, ri, events = heapq.heappop(self._pending)
             rep = self.replicas[ri]
@@ -205,56 +256,44 @@ class PoolSimulator:
                 if rate > 0.3:
                     return idx[best[0]]
             return min(range(n), key=lambda i: (counts[i], loads[i].queued_prefill_tokens, i))
-        info = RequestInfo(req.hash_ids, _num_tokens(req), TRACE_BLOCK_TOKENS)
-        ranked = rank_replicas(info, loads, matches, self.cfg.policy_config)
+        ranked = rank_replicas(self.request_info(req), loads, matches, self.policy_config)
         return idx[ranked[0]]
+
+    def request_info(self, req: TraceRequest) -> RequestInfo:
+        """The request as kvferry's policy sees it (benchmarks override the tie-break seed)."""
+        return RequestInfo(req.hash_ids, _num_tokens(req), TRACE_BLOCK_TOKENS)
 
     # -- service --------------------------------------------------------------------
 
-    def _serve(self, ri: int, req: TraceRequest, now: float) -> tuple[float, int]:
-        """Queue ``req`` on replica ``ri``; return (TTFT, cached tokens)."""
+    def _serve(self, ri: int, req: TraceRequest, now: float) -> tuple[float, tuple[int, int, int]]:
+        """Queue ``req`` on replica ``ri``; return (TTFT, cached tokens per tier)."""
         rep = self.replicas[ri]
-        lru = rep.lru
-        hit_blocks = 0
-        for h in req.hash_ids:
-            if h not in lru:
-                break
-            hit_blocks += 1
-        cached = min(hit_blocks * TRACE_BLOCK_TOKENS, max(req.input_length - 1, 0))
         start = max(now, rep.free_at)
-        service = self.cfg.service.service_s(req.input_length - cached)
+        # The cache changes when the request starts; FIFO means only this replica's later
+        # requests (which start after) can observe it, so updating it now is exact.
+        rep.cache.expire(start)
+        tiers = rep.cache.prefix(req.hash_ids)
+        by_tier = [0, 0, 0]
+        left = max(req.input_length - 1, 0)  # the last token is always computed
+        for t in tiers:
+            n = min(TRACE_BLOCK_TOKENS, left)
+            by_tier[t] += n
+            left -= n
+        cached = (by_tier[0], by_tier[1], by_tier[2])
+        service = self.cfg.service.service_s(req.input_length - sum(cached), cached)
         finish = start + service
         rep.free_at = finish
         rep.work_s += service
         rep.outstanding = [f for f in rep.outstanding if f > now]
         rep.outstanding.append(finish)
-        # The LRU changes when the request starts; FIFO means only this replica's later
-        # requests (which start after) can observe it, so updating it now is exact.
-        touched = list(req.hash_ids[:hit_blocks])
-        new = list(req.hash_ids[hit_blocks:])
-        for h in req.hash_ids:
-            lru[h] = None
-            lru.move_to_end(h)
-        evicted = []
-        while len(lru) > rep.capacity_blocks:
-            evicted.append(lru.popitem(last=False)[0])
-        exp = finish + self.cfg.ttl_s
-        events = []
-        if evicted:
-            events.append(BlockRemoved(tuple(evicted)))
-        if touched:
-            events.append(BlockTouched(tuple(touched), exp))
-        kept = [h for h in new if h in lru]
-        if kept:
-            events.append(BlockStored(tuple(kept), touched[-1] if touched else None, Tier.DEVICE, exp))
-        self._n += 1
-        heapq.heappush(self._pending, (finish, self._n, ri, events))
+        rep.cache.use(req.hash_ids, len(tiers), start, finish)
+        self._emit(ri, finish)
         return finish - now, cached
 
     def run(self, trace: Iterable[TraceRequest]) -> ReplayResult:
         """Replay the whole trace; return the aggregate metrics."""
         ttfts: list[float] = []
-        cached_total = 0
+        cached_total = [0, 0, 0]
         tokens_total = 0
         for req in trace:
             now = req.arrival_s
@@ -264,20 +303,30 @@ class PoolSimulator:
                 self.spec.record(req.hash_ids, self.replicas[ri].rid, now)
             ttft, cached = self._serve(ri, req, now)
             ttfts.append(ttft)
-            cached_total += cached
+            for t in range(3):
+                cached_total[t] += cached[t]
             tokens_total += req.input_length
         ttfts.sort()
         works = [r.work_s for r in self.replicas]
         mean_work = sum(works) / len(works)
+        share = [c / tokens_total if tokens_total else 0.0 for c in cached_total]
+        cfg = self.cfg
         return ReplayResult(
             policy=self.policy,
-            hit_rate=cached_total / tokens_total if tokens_total else 0.0,
+            hit_rate=sum(share),
+            hit_rate_device=share[0],
+            hit_rate_host=share[1],
+            hit_rate_disk=share[2],
             ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else 0.0,
             ttft_p50_s=_percentile(ttfts, 0.50),
             ttft_p90_s=_percentile(ttfts, 0.90),
             ttft_p99_s=_percentile(ttfts, 0.99),
             imbalance=max(works) / mean_work if mean_work > 0 else 1.0,
             num_requests=len(ttfts),
+            cache_tokens=cfg.cache_tokens,
+            host_tokens=cfg.host_tokens,
+            disk_tokens=cfg.disk_tokens,
+            tier_events=cfg.tier_events,
         )
 
 
@@ -298,10 +347,15 @@ def ttl_sweep(trace: Sequence[TraceRequest], ttls_s: Sequence[float], config: Re
     """Hit rate and TTFT of one policy as the directory TTL varies."""
     out = []
     for ttl in ttls_s:
-        cfg = ReplayConfig(config.num_replicas, config.cache_tokens, ttl, config.speculative_ttl_s,
-                           config.service, config.policy_config)
-        res = PoolSimulator(policy, cfg).run(trace)
+        res = PoolSimulator(policy, replace(config, ttl_s=ttl)).run(trace)
         res.ttl_s = ttl
         out.append(res)
     return out
 
+
+def tier_comparison(trace: Sequence[TraceRequest], config: ReplayConfig) -> list[ReplayResult]:
+    """kvferry on the device tier alone, then with ``config``'s tiers seen by a device-only
+    router (the directory hears of the device tier only), then with tier-aware routing."""
+    device_only = replace(config, host_tokens=0, disk_tokens=0)
+    blind = replace(config, tier_events=False)
+    return [PoolSimulator("kvferry", c).run(trace) for c in (device_only, blind, config)]

@@ -18,7 +18,9 @@ Per request (``choose_replicas``):
    stale; what we sent since is certain), and Serve's queue-length cache for fullness.
 3. ``await`` the directory's lookup with a short timeout (never ``ray.get`` on the loop);
    merge this router's speculative entries.
-4. Call the pure policy and return one rank per replica, best first. If the directory is
+4. Call the pure policy, then put preferred replicas first (``router.key_affinity``: the
+   replica of the request's ``prompt_cache_key``, load permitting; the replica pinning its
+   explicit cache), and return one rank per replica, best first. If the directory is
    unreachable or slow, fall back to power-of-two choices (built on Serve's public
    ``LocalityMixin``, no private class).
 
@@ -35,6 +37,8 @@ import random
 import time
 from typing import Any
 
+import xxhash
+
 from ray.serve.request_router import (
     FIFOMixin,
     LocalityMixin,
@@ -49,9 +53,10 @@ from ray.serve.request_router import (
 from router.directory import PrefixMatch
 from router.directory_actor import get_or_create_directory
 from router.hints import RoutingHints, find_hints
-from router.metrics import RoutingMetrics
+from router.key_affinity import KeyAffinity, prefer
+from router.metrics import RoutingMetrics, cached_tokens_by_tier
 from router.policy import (
-    DEFAULT_TIER_CREDITS,
+    DEFAULT_PROMOTE_S_PER_TOKEN,
     DecodePolicyConfig,
     PrefillPolicyConfig,
     ReplicaLoad,
@@ -60,6 +65,7 @@ from router.policy import (
     merge_matches,
     rank_decode_replicas,
     rank_replicas,
+    tier_credits,
 )
 from router.speculative import SpeculativeRoutes
 
@@ -75,6 +81,9 @@ _STATS_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "max_num_s
 class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     """Shared plumbing of the two pools' routers; subclasses pick the policy."""
 
+    # Set by the subclass before it calls initialize_state (its policy's knobs).
+    _config: PrefillPolicyConfig | DecodePolicyConfig
+
     def initialize_state(
         self,
         pool: str = "prefill",
@@ -87,11 +96,14 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._directory = directory if directory is not None else get_or_create_directory(pool, namespace)
         self._lookup_timeout_s = lookup_timeout_s
         self._spec = SpeculativeRoutes(ttl_s=speculative_ttl_s)
+        # prompt_cache_key (hashed) -> the replica its last request went to.
+        self._keys = KeyAffinity()
         # internal_request_id -> (replica full id, tokens) for requests sent, not completed.
         self._inflight: dict[str, tuple[str, int]] = {}
-        # internal_request_id -> {replica: uncached tokens} estimated while ranking, so the
-        # in-flight work we add is what the replica must compute, not the whole prompt.
-        self._estimates: dict[str, dict[str, int]] = {}
+        # internal_request_id -> {replica: (uncached tokens, its match)} estimated while
+        # ranking, so the in-flight work we add is what the replica must compute, not the
+        # whole prompt, and the metrics count the hits by tier the chosen replica holds.
+        self._estimates: dict[str, dict[str, tuple[int, PrefixMatch | None]]] = {}
         self._inflight_tokens: dict[str, int] = {}
         self.num_directory_failures = 0
         self.num_policy_routes = 0
@@ -121,6 +133,13 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
         raise NotImplementedError
 
+    def _prefer(self, hints: RoutingHints, ranked: list[str], loads: list[ReplicaLoad]) -> list[str]:
+        """The key's replica first, load permitting; a pinned cache's replica first, always."""
+        if hints.cache_key is not None:
+            slack = getattr(self._config, "imbalance_load", 0.5)
+            ranked = prefer(ranked, self._keys.get(hints.cache_key, time.time()), loads, slack)
+        return prefer(ranked, hints.prefer_replica, loads, 0.0, force=True)
+
     def _power_of_two(
         self, candidates: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[list[RunningReplica]]:
@@ -143,12 +162,18 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         if hints is None or matches is None:
             return self._power_of_two(candidate_replicas, pending_request)
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
-        info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size)
-        ranked = self._rank(info, [self._load(r) for r in candidate_replicas], matches)
+        req_id = pending_request.metadata.internal_request_id
+        # A prompt shorter than one block has no hash to seed the tie-break: use the request.
+        seed = None if hints.block_hashes else xxhash.xxh3_64_intdigest(req_id.encode())
+        info = RequestInfo(hints.block_hashes, hints.num_tokens, hints.block_size, tiebreak_seed=seed)
+        loads = [self._load(r) for r in candidate_replicas]
+        ranked = self._prefer(hints, self._rank(info, loads, matches), loads)
         if len(self._estimates) > 10_000:  # requests cancelled before routing never pop theirs
             self._estimates.clear()
-        self._estimates[pending_request.metadata.internal_request_id] = {
-            rid: hints.num_tokens - int(cached_tokens(matches.get(rid), info, DEFAULT_TIER_CREDITS)) for rid in ranked
+        credits = tier_credits(self._config.promote_s_per_token, self._config.prefill_tokens_per_s)
+        self._estimates[req_id] = {
+            rid: (hints.num_tokens - int(cached_tokens(matches.get(rid), info, credits)), matches.get(rid))
+            for rid in ranked
         }
         if not ranked:
             return []
@@ -167,12 +192,15 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             return
         rid = replica_id.to_full_id_str()
         self._spec.record(hints.block_hashes, rid, time.time())
+        if hints.cache_key is not None:
+            self._keys.record(hints.cache_key, rid, time.time())
         req_id = pending_request.metadata.internal_request_id
         est = self._estimates.pop(req_id, None)
         # No estimate: the directory did not answer and Serve's power of two chose.
-        tokens = hints.num_tokens if est is None else est.get(rid, hints.num_tokens)
+        tokens, match = (hints.num_tokens, None) if est is None else est.get(rid, (hints.num_tokens, None))
         self._metrics.decision("directory_unavailable" if est is None
                                else "prefix_hit" if tokens < hints.num_tokens else "least_loaded")
+        self._metrics.routed(hints.num_tokens, cached_tokens_by_tier(match, hints.num_tokens, hints.block_size))
         self._inflight[req_id] = (rid, tokens)
         self._inflight_tokens[rid] = self._inflight_tokens.get(rid, 0) + tokens
 
@@ -192,6 +220,7 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         rid = replica_id.to_full_id_str()
         self._spec.drop_replica(rid)
+        self._keys.drop_replica(rid)
         self._inflight_tokens.pop(rid, None)
         try:
             self._directory.drop_replica.remote(rid)
@@ -199,12 +228,25 @@ class _KVAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             pass
 
 
+def _tier_cost_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the tier-cost knobs (RoutingConfig's units) into policy-config fields."""
+    out: dict[str, Any] = {}
+    host = kwargs.pop("host_promote_us_per_token", None)
+    disk = kwargs.pop("disk_promote_us_per_token", None)
+    if host is not None or disk is not None:
+        _, h, d = DEFAULT_PROMOTE_S_PER_TOKEN
+        out["promote_s_per_token"] = (0.0, h if host is None else host * 1e-6, d if disk is None else disk * 1e-6)
+    if "prefill_tokens_per_s" in kwargs:
+        out["prefill_tokens_per_s"] = kwargs.pop("prefill_tokens_per_s")
+    return out
+
+
 class PrefillRequestRouter(_KVAwareRouter):
     """Prefill pool: estimated time to first token (``router.policy.rank_replicas``)."""
 
     def initialize_state(self, pool: str = "prefill", **kwargs: Any) -> None:
         cfg = {k: kwargs.pop(k) for k in ("imbalance_ratio", "imbalance_abs_tokens", "uncached_weight") if k in kwargs}
-        self._config = PrefillPolicyConfig(**cfg)
+        self._config = PrefillPolicyConfig(**cfg, **_tier_cost_fields(kwargs))
         super().initialize_state(pool=pool, **kwargs)
 
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
@@ -216,7 +258,7 @@ class DecodeRequestRouter(_KVAwareRouter):
 
     def initialize_state(self, pool: str = "decode", **kwargs: Any) -> None:
         cfg = {k: kwargs.pop(k) for k in ("affinity_weight", "imbalance_load") if k in kwargs}
-        self._config = DecodePolicyConfig(**cfg)
+        self._config = DecodePolicyConfig(**cfg, **_tier_cost_fields(kwargs))
         super().initialize_state(pool=pool, **kwargs)
 
     def _rank(self, info: RequestInfo, loads: list[ReplicaLoad], matches: dict[str, PrefixMatch]) -> list[str]:
@@ -225,7 +267,8 @@ class DecodeRequestRouter(_KVAwareRouter):
 
 _PREFILL_KNOBS = ("imbalance_ratio", "imbalance_abs_tokens", "uncached_weight")
 _DECODE_KNOBS = ("affinity_weight", "imbalance_load")
-_SHARED_KNOBS = ("lookup_timeout_s", "speculative_ttl_s")
+_SHARED_KNOBS = ("lookup_timeout_s", "speculative_ttl_s", "host_promote_us_per_token", "disk_promote_us_per_token",
+                 "prefill_tokens_per_s")
 
 
 def request_router_config(pool_name: str, knobs: dict[str, Any] | None = None, stats_period_s: float = 1.0) -> Any:

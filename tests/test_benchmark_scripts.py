@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["directory_bench.py", "serving_layouts.py"])
+@pytest.mark.parametrize("script", ["directory_bench.py", "serving_layouts.py", "promote_cost.py", "tiebreak_skew.py",
+                                    "kv_tiers_bench.py"])
 def test_script_runs_from_elsewhere(script: str, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)

@@ -22,8 +22,10 @@ BASE_ENV = (("RAY_USAGE_STATS_ENABLED", "0"), ("TOKENIZERS_PARALLELISM", "false"
 
 
 def serving_ports(http_port: int, grpc_port: int, metrics_port: int) -> list[tuple[str, int]]:
-    """Ports every Ray pod exposes: a Serve proxy (HTTP, gRPC) and Ray's metrics run per node."""
-    return [("serve", http_port), ("serve-grpc", grpc_port), ("metrics", metrics_port)]
+    """Ports every Ray pod exposes: a Serve proxy (HTTP, gRPC unless its port is 0) and Ray's
+    metrics run per node."""
+    grpc = [("serve-grpc", grpc_port)] if grpc_port else []
+    return [("serve", http_port), *grpc, ("metrics", metrics_port)]
 
 
 def object_store_bytes(shape: PodShape) -> str:

@@ -54,7 +54,7 @@ def _check_ingress_room(cfg: ServeConfig, spec: DeploySpec) -> None:
 
 
 def _head_group(cfg: ServeConfig, spec: DeploySpec) -> dict[str, Any]:
-    ports = [*HEAD_ONLY_PORTS, *serving_ports(cfg.http.port, spec.grpc_port, cfg.metrics.export_port)]
+    ports = [*HEAD_ONLY_PORTS, *serving_ports(cfg.http.port, cfg.grpc.port, cfg.metrics.export_port)]
     return {
         "rayStartParams": {
             "num-cpus": "0",  # no replica, ingress or task lands on the head
@@ -70,7 +70,7 @@ def _head_group(cfg: ServeConfig, spec: DeploySpec) -> dict[str, Any]:
 def _worker_group(cfg: ServeConfig, spec: DeploySpec, name: str) -> dict[str, Any]:
     pool, shape = cfg.pool(name), spec.pool_shape(name)
     resources = group_resources(pool, spec.spare_cpus)
-    ports = serving_ports(cfg.http.port, spec.grpc_port, cfg.metrics.export_port)
+    ports = serving_ports(cfg.http.port, cfg.grpc.port, cfg.metrics.export_port)
     initial = pool.autoscaling.initial_replicas if pool.autoscaled else None
     return {
         "groupName": name,
@@ -112,7 +112,7 @@ def render(cfg: ServeConfig, spec: DeploySpec) -> dict[str, Any]:
             # The head's proxy stays out of the Serve Service: request bursts stay off the
             # pod whose loss takes the whole cluster down.
             "excludeHeadPodFromServeSvc": True,
-            "serveConfigV2": dump_yaml(serve_config(run_cfg, spec.grpc_port)),
+            "serveConfigV2": dump_yaml(serve_config(run_cfg)),
             "rayClusterConfig": _cluster(run_cfg, spec),
         },
     }

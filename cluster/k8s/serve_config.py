@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import ServeConfig
+from cluster.grpc.options import grpc_options
 from cluster.k8s.pinning import mode_pools
 
 IMPORT_PATH = "cluster.app:build_app"
@@ -31,17 +32,18 @@ def _deployments(cfg: ServeConfig) -> list[dict[str, Any]]:
     return [deployment_options(cfg, name) for name in (*mode_pools(cfg), "ingress")]
 
 
-def serve_config(cfg: ServeConfig, grpc_port: int) -> dict[str, Any]:
+def serve_config(cfg: ServeConfig) -> dict[str, Any]:
     """The Serve config (``ray.serve.schema.ServeDeploySchema`` shape) for ``cfg``.
 
     ``cfg`` is the pod config (``pod_config`` of the pinned config): its ``args`` are what
-    ``build_app`` receives in the cluster.
+    ``build_app`` receives in the cluster. ``grpc.port`` 0 leaves gRPC out.
     """
+    grpc = grpc_options(cfg.grpc.port)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},
-        # No servicer yet (kvferry's gRPC API comes later); the port is reserved and exposed.
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": []},
+        # kvferry.v1.Inference with reflection (cluster/grpc), the same options `kvferry serve` uses.
+        **({"grpc_options": grpc} if grpc else {}),
         "applications": [{
             "name": cfg.app_name,
             "route_prefix": cfg.route_prefix,

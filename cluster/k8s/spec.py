@@ -103,7 +103,6 @@ class DeploySpec(_Strict):
     namespace: str | None = Field(None, description="metadata.namespace; None leaves it to kubectl -n / kustomize.")
     image: str = Field("kvferry:0.1.0-cpu", description="Image of every Ray container (see the Dockerfile).")
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-    grpc_port: int = Field(9000, ge=1, le=65535, description="Serve's gRPC port (container port `serve-grpc`).")
     spare_cpus: float = Field(
         1.0, ge=0, description="Ray CPUs a worker pod offers beyond its replica: room for ingress replicas."
     )

@@ -1,11 +1,12 @@
 """Property-based fuzzing of every HTTP endpoint, from the schema the live server serves.
 
 schemathesis reads ``/openapi.json`` of a real kvferry (one colocated replica, tiny random
-Llama, on the session's Ray cluster) and sends every operation schema-valid and
-schema-invalid requests: its examples, its coverage phase (boundary values, every field
-missing or of the wrong type) and random fuzzing. Every response must hold to the schema
-the server published: no 5xx, only documented status codes and content types, bodies and
-SSE events that match their schemas, and a 4xx for every request the schema forbids.
+Llama, on the session's Ray cluster: ``colocated_server``, which test_api_hostile_inputs.py
+reuses) and sends every operation schema-valid and schema-invalid requests: its examples,
+its coverage phase (boundary values, every field missing or of the wrong type) and random
+fuzzing. Every response must hold to the schema the server published: no 5xx, only
+documented status codes and content types, bodies and SSE events that match their schemas,
+and a 4xx for every request the schema forbids.
 
 Two choices keep it meaningful and bounded:
 - a generated ``model`` that is a string is mostly replaced by the served name: a random
@@ -25,7 +26,6 @@ The HTTP calls go through httpx: schemathesis' own requests-based transport brea
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,11 +42,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.cluster.conftest import deploy_app  # noqa: E402
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-APP = "kvferry-fuzz"
 # Per operation, for the fuzzing phase (the coverage phase adds its own, deterministic cases).
 MAX_EXAMPLES = 40
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
@@ -55,15 +52,9 @@ _STATS: dict[str, Any] = {"requests": 0, "statuses": {}, "started": None}
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model: Path):
-    settings_ = {
-        "mode": "colocated",
-        "mixed": {"num_replicas": 1},
-        "model": {"model": str(tiny_model)},
-        "engine": {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 128},
-    }
-    with deploy_app(APP, settings_) as (url, _):
-        yield url
+def server(colocated_server: str) -> str:
+    """The colocated tiny-model app this module shares with test_api_hostile_inputs.py."""
+    return colocated_server
 
 
 @pytest.fixture(scope="module")

@@ -124,12 +124,16 @@ def test_routing_knobs_reach_the_request_routers() -> None:
     from cluster.app import _router_options
 
     cfg = ServeConfig.model_validate({"routing": {"affinity_weight": 0.8, "imbalance_ratio": 3.0,
-                                                  "lookup_timeout_s": 0.1, "stats_period_s": 0.5}})
+                                                  "lookup_timeout_s": 0.1, "stats_period_s": 0.5,
+                                                  "host_promote_us_per_token": 4.0}})
     assert cfg.routing.request_router == "kvferry"  # kvferry's routers are the default
     decode = _router_options(cfg, "decode")["request_router_config"]
     prefill = _router_options(cfg, "prefill")["request_router_config"]
+    tiers = {"host_promote_us_per_token": 4.0, "disk_promote_us_per_token": cfg.routing.disk_promote_us_per_token,
+             "prefill_tokens_per_s": cfg.routing.prefill_tokens_per_s}  # both pools credit tier hits
     assert decode.request_router_kwargs == {"pool": "decode", "affinity_weight": 0.8, "imbalance_load": 0.5,
-                                            "lookup_timeout_s": 0.1, "speculative_ttl_s": 10.0}
+                                            "lookup_timeout_s": 0.1, "speculative_ttl_s": 10.0, **tiers}
+    assert tiers.items() <= prefill.request_router_kwargs.items()
     assert prefill.request_router_kwargs["imbalance_ratio"] == 3.0 and "affinity_weight" not in prefill.request_router_kwargs
     assert decode.request_routing_stats_period_s == 0.5
     assert _router_options(ServeConfig.model_validate({"routing": {"request_router": "default"}}), "decode") == {}

@@ -1,7 +1,7 @@
 """Hostile request bodies and the messages they get, through a bare FastAPI app (no Ray).
 
 The app is wired like the ingress (``JsonBodyRoute``, the OpenAI error handlers,
-``document_api``) around the real request models; ``tests/cluster/test_hostile_inputs.py``
+``document_api``) around the real request models; ``tests/cluster/test_api_hostile_inputs.py``
 sends the same bodies to a live cluster.
 """
 

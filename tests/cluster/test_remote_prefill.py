@@ -40,7 +40,7 @@ class FakeEngine:
     def write_blocks(self, block_ids, buf) -> None:
         self.written.append(list(block_ids))
 
-    def complete(self, rid: str, first: int, cached: int) -> None:
+    def complete(self, rid: str, first: int, cached: int, by_tier=None) -> None:
         self.waiting.discard(rid)
         self.landed.append((rid, first, cached))
 

@@ -85,6 +85,9 @@ def test_chat_greedy_matches_single_engine_and_names_both_replicas(client, model
     )
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     assert again.choices[0].message.content == resp.choices[0].message.content
+    # kvferry's usage extension splits the cached tokens by KV tier (no host/disk tier here).
+    assert again.usage.kvferry == {"cached_tokens_by_tier": {
+        "device": again.usage.prompt_tokens_details.cached_tokens, "host": 0, "disk": 0}}
 
     # Another API key is another tenant: no hit on this tenant's cache, same answer.
     from openai import OpenAI

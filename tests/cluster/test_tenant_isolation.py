@@ -4,8 +4,8 @@ Two API keys (``auth.api_keys_file``) on one colocated replica (a random Llama s
 larger than the other modules' so a cache hit shows in the time to first token), deployed
 twice: with
 ``cache.tenant_isolation: api_key`` (the default) key B never hits key A's cached blocks,
-on text and token-id completions and on chat, streamed or not (``cached_tokens`` is 0 in
-every usage field); with ``tenant_isolation: none`` the very same test expects the hit to
+on text and token-id completions and on chat, streamed or not, and on Anthropic's
+/v1/messages with the key as ``x-api-key`` (``cached_tokens`` is 0 in every usage field); with ``tenant_isolation: none`` the very same test expects the hit to
 be shared, so it can tell the two apart. Then nothing a client, a Prometheus scraper or a
 log reader can see (the GET endpoints, response headers, Ray's metrics export, the Ray
 session's log files) carries a prompt, an API key, a tenant salt or any block hash of the
@@ -15,7 +15,8 @@ Anonymous requests are not exercised here (the keys are required); ``cluster.ten
 gives them their own salt, ``"anonymous"``, which no key's ``"tenant-<hash>"`` salt can equal
 (``tests/cluster/test_tenancy.py``).
 
-Explicit caches (``/v1/cached_contents``) do not exist yet; when they do, they belong here.
+Explicit caches (``/v1beta/cachedContents``) are private to the key that made them; that is
+tested with the Gemini surface, in ``tests/cluster/test_explicit_caches.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ BLOCK = 16
 TTFT_PROMPT = 1500  # tokens: long enough that its prefill dominates the time to first token
 # (surface, streamed): every way a prompt reaches the cache today.
 SURFACES = [(s, stream) for s in ("completions-text", "completions-ids", "chat") for stream in (False, True)]
+SURFACES.append(("anthropic", False))  # /v1/messages, its key sent as x-api-key
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +83,25 @@ def _body(surface: str, prompt: str, stream: bool, reference_engine: Any) -> tup
         common |= {"stream": True, "stream_options": {"include_usage": True}}
     if surface == "chat":
         return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
+    if surface == "anthropic":
+        return "/v1/messages", {**common, "messages": [{"role": "user", "content": prompt}]}
     tokens: Any = prompt if surface == "completions-text" else reference_engine.encode(prompt)
     return "/v1/completions", {**common, "prompt": tokens}
 
 
 def _send(url: str, key: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float, httpx.Headers]:
     """(usage, seconds to the first token, headers) of one request."""
-    headers = {"authorization": f"Bearer {key}"}
+    headers = {"x-api-key": key} if path == "/v1/messages" else {"authorization": f"Bearer {key}"}
     t0 = time.monotonic()
     if not body.get("stream"):
         r = httpx.post(url + path, json=body, headers=headers, timeout=120)
         assert r.status_code == 200, r.text
-        return r.json()["usage"], time.monotonic() - t0, r.headers
+        usage = r.json()["usage"]
+        if path == "/v1/messages":  # Anthropic's usage, in the OpenAI terms the checks use
+            read = usage["cache_read_input_tokens"]
+            prompt = usage["input_tokens"] + usage["cache_creation_input_tokens"] + read
+            usage = {"prompt_tokens": prompt, "prompt_tokens_details": {"cached_tokens": read}}
+        return usage, time.monotonic() - t0, r.headers
     usage, ttft = None, None
     with httpx.stream("POST", url + path, json=body, headers=headers, timeout=120) as r:
         assert r.status_code == 200

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.conftest import release_serve
 from tests.conftest import free_port
 
 TTL_S = 4.0
@@ -52,11 +53,15 @@ def _wait_serving(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
 
 @pytest.fixture(scope="session")
 def default_server(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultServer]:
+    # `kvferry serve` starts Serve with its own HTTP port: a Serve instance the cluster tests
+    # left running would keep its own port instead.
+    release_serve()
     work = tmp_path_factory.mktemp("default-server")
     port = free_port()
     config = {
         "engine": {"default_ttl_s": TTL_S},
         "http": {"port": port, "prefill_timeout_s": 60.0},
+        "grpc": {"port": free_port()},  # never a fixed 9000 another test run may hold
         "transport": {"transfer_timeout_s": 3.0},
     }
     (work / "kvferry.yaml").write_text(yaml.safe_dump(config))

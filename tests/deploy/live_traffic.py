@@ -1,5 +1,6 @@
 """Traffic that makes every kvferry metric move: cold and cached prompts, a stream, an API
-error, one injected KV-transfer failure, TTL expiries and capacity evictions.
+error, one injected KV-transfer failure, an explicit cache that expires, TTL expiries and
+capacity evictions.
 
 Used by the live-Prometheus test. Sent only to 127.0.0.1, bounded in count.
 """
@@ -7,6 +8,7 @@ Used by the live-Prometheus test. Sent only to 127.0.0.1, bounded in count.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -35,8 +37,13 @@ def warm_up(url: str, model: str) -> None:
 
 def traffic(url: str, model: str, inject_failure: Any, rounds: int = 1) -> dict[str, int]:
     """The measured traffic; ``inject_failure()`` makes the next KV transfer fail."""
-    sent = {"cold": 0, "cached": 0, "stream": 0, "failed_transfer": 0, "api_errors": 0}
+    sent = {"cold": 0, "cached": 0, "stream": 0, "failed_transfer": 0, "api_errors": 0, "explicit_caches": 0}
+    expires = []
     for r in range(rounds):
+        # First, so that it expires while the rest runs (its lifetime is fixed).
+        cache = explicit_cache(url, model, system_prompt(7000 + r), ttl="20s")
+        expires.append(datetime.fromisoformat(cache["expireTime"]).timestamp())
+        sent["explicit_caches"] += 1
         for i in range(1, 5):  # distinct system prompts: cold, then pushed out by the others
             chat(url, model, system_prompt(100 * r + i), "What is your number?")
             sent["cold"] += 1
@@ -52,7 +59,17 @@ def traffic(url: str, model: str, inject_failure: Any, rounds: int = 1) -> dict[
                          json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
         assert bad.status_code == 404, bad.text
         sent["api_errors"] += 1
+    time.sleep(max(0.0, max(expires) + 1.0 - time.time()))  # every explicit cache has expired
     return sent
+
+
+def explicit_cache(url: str, model: str, system: str, ttl: str) -> dict[str, Any]:
+    """A Gemini-style explicit cache of ``system`` (pinned on a decode replica until ``ttl``)."""
+    body = {"model": f"models/{model}", "systemInstruction": {"parts": [{"text": system}]},
+            "contents": [{"role": "user", "parts": [{"text": "Remember this."}]}], "ttl": ttl}
+    r = httpx.post(url + "/v1beta/cachedContents", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def let_blocks_expire(url: str, model: str, ttl_s: float) -> None:

@@ -149,6 +149,9 @@ def test_the_traffic_is_what_the_metrics_say(live) -> None:
     assert failures and failures[0].value >= sent["failed_transfer"]
     hits = prom.query('sum(ray_kvferry_prefix_cache_hits_total{deployment="decode"})')
     assert hits and hits[0].value > 0, "cached prompts produced no prefix-cache hits"
+    for kind in ("read", "written"):  # the ingress's per-surface account of the same traffic
+        tokens = prom.query(f'sum(ray_kvferry_prompt_cache_{kind}_tokens_total{{surface="openai"}})')
+        assert tokens and tokens[0].value > 0, f"no prompt-cache tokens {kind} counted for the openai surface"
     errors = prom.query('sum(ray_kvferry_api_requests_total{code="model_not_found"})')
     assert errors and errors[0].value >= sent["api_errors"]
     ttl = prom.query('sum(ray_kvferry_kv_block_evictions_total{reason="ttl"})')

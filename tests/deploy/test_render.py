@@ -49,6 +49,21 @@ def test_pool_labels_and_resources_of_its_own_carry_over_to_its_group() -> None:
     assert args["http"]["host"] == "0.0.0.0"  # a pod's proxy listens beyond loopback
 
 
+@pytest.mark.parametrize("port", [9100, 0])
+def test_grpc_port_sets_the_proxy_and_the_serve_grpc_port_and_0_leaves_both_out(port: int) -> None:
+    doc = render(ServeConfig.model_validate({"grpc": {"port": port}}), DeploySpec())
+    serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    pods = [doc["spec"]["rayClusterConfig"]["headGroupSpec"], *_groups(doc).values()]
+    ports = [{p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]} for g in pods]
+    if port:
+        assert serve["grpc_options"] == {"port": port, "enable_reflection": True, "grpc_servicer_functions": [
+            "cluster.grpc.kvferry_pb2_grpc.add_InferenceServicer_to_server"]}
+        assert all(p["serve-grpc"] == port for p in ports)
+    else:
+        assert "grpc_options" not in serve and not any("serve-grpc" in p for p in ports)
+    assert crd_errors(doc) == []
+
+
 def test_namespace_and_object_store_fit_in_dev_shm() -> None:
     from cluster.k8s.pods import object_store_bytes, shm_size
 

@@ -49,3 +49,13 @@ def test_stop_string_split_across_tokens_cuts_text_before_it() -> None:
     pieces.append(checker.delta(finished=True))
     assert checker.text == "abc " and "".join(pieces) == "abc "
     assert all("S" not in p for p in pieces)  # the held-back prefix of "STOP" never leaked
+
+
+def test_the_checker_names_the_stop_string_that_matched_first() -> None:
+    tok = make_tokenizer()
+    ids = tok.encode("one two three", add_special_tokens=False)
+    checker = StopChecker(tok, ["three", "two"])
+    assert not any(checker.update(ids[:n]) for n in range(1, len(ids) - 6))
+    assert checker.matched is None
+    assert checker.update(ids)
+    assert checker.matched == "two" and checker.text == "one "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from engine import LLMEngine, SamplingParams
+from engine import CacheBreakpoint, LLMEngine, SamplingParams
 from engine.kv_events import BlockRemoved, BlockStored, BlockTouched
 from tests.engine.conftest import hf_greedy
 from tests.engine.tiny_models import load_hf_model
@@ -96,6 +96,37 @@ def test_ttl_expiry_and_sliding_refresh_with_fake_clock(tiny_model_dir) -> None:
     assert eng.generate([other], greedy)[0].num_cached_tokens == 16
     with pytest.raises(ValueError, match="exceeds the maximum"):
         eng.add_request("too-long-ttl", other, SamplingParams(cache_ttl_s=7200.0))
+
+
+def test_a_one_hour_breakpoint_outlives_the_five_minute_default_with_fake_clock(tiny_model_dir) -> None:
+    """Anthropic-style breakpoints: the prefix up to a 1 h breakpoint keeps its blocks for an
+    hour; the rest of the prompt (past the breakpoint) has the 5 min default."""
+    clock = FakeClock()
+    eng = LLMEngine.from_pretrained(
+        str(tiny_model_dir("llama")), block_size=4, num_kv_blocks=64, clock=clock, default_ttl_s=300.0
+    )
+    system, question = list(range(10, 22)), list(range(50, 59))  # 12 + 9 tokens
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    marked = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True,
+                            cache_breakpoints=(CacheBreakpoint(len(system), 3600.0),))
+    t0 = clock.now
+    first = eng.generate([system + question], marked)[0]
+    assert first.num_cached_tokens == 0
+    stored = [e for b in [eng.take_events()] if b for e in b.events if isinstance(e, BlockStored)]
+    assert sorted({e.expires_at - t0 for e in stored}) == [300.0, 3600.0]  # two expiry classes
+    clock.now += 301.0  # the 5 min default is over, the 1 h breakpoint is not
+    again = eng.generate([system + question], greedy)[0]
+    assert again.num_cached_tokens == len(system)  # only the breakpoint's prefix survived
+    assert again.token_ids == first.token_ids
+    clock.now += 3600.0 - 301.0 + 1.0  # the read at 301 s slid it to 301 + 3600
+    assert eng.generate([system + question], greedy)[0].num_cached_tokens == len(system)
+    clock.now += 3601.0
+    assert eng.generate([system + question], greedy)[0].num_cached_tokens == 0
+    too_long = SamplingParams(cache_breakpoints=(CacheBreakpoint(4, 7200.0),))
+    with pytest.raises(ValueError, match="breakpoint TTL 7200s exceeds the maximum"):
+        eng.add_request("too-long-breakpoint", system, too_long)
+    with pytest.raises(ValueError, match="num_tokens >= 1"):
+        CacheBreakpoint(0, 60.0)
 
 
 def test_kv_events_sequence_numbers_and_snapshot(tiny_model_dir) -> None:

@@ -17,7 +17,7 @@ from engine.loader import (
     safetensors_files,
     served_model_name,
 )
-from engine.tokenizer import encode_chat, load_tokenizer
+from engine.tokenizer import PromptTokenizer, encode_chat, load_tokenizer
 from tests.engine.tiny_models import CHAT_TEMPLATE, EOS_TOKEN_ID, load_hf_model, make_tiny_model
 
 
@@ -163,3 +163,21 @@ def test_default_model_matches_transformers(default_dir: Path) -> None:
     ref = load_hf_model(default_dir)(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_cache_marks_become_token_counts_of_the_conversation_so_far(tmp_path: Path) -> None:
+    """A breakpoint covers the tokens the whole prompt shares with the conversation cut at it
+    (never the template's closing tokens, which the whole prompt has elsewhere)."""
+    tok = PromptTokenizer(load_tokenizer(make_tiny_model("llama", tmp_path)), max_model_len=512)
+    messages = [{"role": "system", "content": "You are terse. Answer in one word."},
+                {"role": "user", "content": "Capital of France? And of Spain?"}]
+    ids, counts = tok.encode_chat_with_marks(messages, [(0, len(messages[0]["content"])), (1, 18), (1, 33)])
+    assert ids == tok.encode_chat(messages)
+    system_only = tok.encode_chat(messages[:1], add_generation_prompt=False)
+    # The system message's text is all shared; its closing <|im_end|> is shared too (the
+    # whole prompt closes it the same way), so the count reaches the whole system turn.
+    assert counts[0] == len(system_only)
+    assert counts[0] < counts[1] < counts[2] < len(ids)
+    assert tok.tokenizer.decode(ids[: counts[1]]).endswith("Capital of France?")
+    with pytest.raises(ValueError, match="points at message 5"):
+        tok.encode_chat_with_marks(messages, [(5, 1)])

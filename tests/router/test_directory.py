@@ -71,6 +71,25 @@ def test_tiers_are_reported_and_moved():
     assert d.lookup(H, 0.0)["a"] == PrefixMatch(4, Tier.DISK, (2, 1, 1))
 
 
+def test_a_move_carries_the_expiry_of_the_new_tier():
+    d = KVDirectory()
+    f = Feeder(d)
+    f.send("a", stored(H[:4], 300.0))
+    # Device TTL ran out at 300 s: the blocks are demoted to host memory for an hour.
+    f.send("a", BlockMoved(tuple(H[:4]), Tier.HOST, expires_at=3900.0))
+    assert d.lookup(H, 301.0)["a"] == PrefixMatch(4, Tier.HOST, (0, 4, 0))
+    assert d.sweep(301.0) == 0  # the stale device-TTL slot is skipped, nothing expires
+    assert len(d) == 4
+    # A hit promotes two of them back with a fresh device expiry; None keeps the expiry.
+    f.send("a", BlockMoved(tuple(H[:2]), Tier.DEVICE, expires_at=700.0), BlockMoved((H[3],), Tier.DISK))
+    assert d.lookup(H, 400.0)["a"] == PrefixMatch(4, Tier.DISK, (2, 1, 1))
+    assert d.stats().entries_by_tier == (2, 1, 1)
+    assert d.sweep(700.0) == 2  # the promoted pair expires at its device TTL...
+    assert d.lookup(H, 701.0) == {}  # ...which breaks the prefix at block 0
+    assert d.stats().entries_by_tier == (0, 1, 1)
+    assert d.sweep(3900.0) == 2 and len(d) == 0 and d.stats().entries_by_tier == (0, 0, 0)
+
+
 def test_expired_entries_are_invisible_before_sweep():
     d = KVDirectory()
     f = Feeder(d)
@@ -220,8 +239,10 @@ def test_lookup_matches_a_brute_force_model_under_random_events():
             model.update({(rid, h): (model[(rid, h)][0], exp) for h in hs if (rid, h) in model})
         elif kind < 0.7:
             tier = Tier(rng.randrange(3))
-            f.send(rid, BlockMoved(tuple(hs), tier))
-            model.update({(rid, h): (tier, model[(rid, h)][1]) for h in hs if (rid, h) in model})
+            exp = float(rng.randrange(5, 60)) if rng.random() < 0.5 else None
+            f.send(rid, BlockMoved(tuple(hs), tier, exp))
+            model.update({(rid, h): (tier, model[(rid, h)][1] if exp is None else exp)
+                          for h in hs if (rid, h) in model})
         else:
             f.send(rid, BlockRemoved(tuple(hs)))
             for h in hs:
@@ -239,3 +260,10 @@ def test_lookup_matches_a_brute_force_model_under_random_events():
                 tier = Tier.DISK if per[2] else Tier.HOST if per[1] else Tier.DEVICE
                 want[r] = PrefixMatch(sum(per), tier, tuple(per))
         assert d.lookup(hashes, now) == want, step
+        by_tier = [0, 0, 0]
+        for t, _ in model.values():
+            by_tier[t] += 1
+        assert d.stats().entries_by_tier == tuple(by_tier), step
+    # Sweeping at the end agrees with the model's expiries, moves included.
+    d.sweep(40.0)
+    assert len(d) == sum(1 for _, e in model.values() if e > 40.0)

@@ -55,6 +55,9 @@ def test_actor_rebuilds_from_replica_snapshots_after_restart(ray_cluster):
                              [(h, None, Tier.DEVICE, time.time() + 300) for h in held["a"]])
 
     async def scenario():
+        # Wait for the actor: its cold start on a loaded 2-core box can outlast the
+        # flusher's 5 s timeout, and the first flush must succeed for this scenario.
+        await d.stats.remote()
         f = KVEventFlusher(d, snapshot_fn)
         seq["a"] += 1
         f.add(KVEventBatch("a", seq["a"], 0.0, [_stored(H[:6])]))

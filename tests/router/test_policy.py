@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -11,12 +12,14 @@ from engine.kv_events import Tier
 from router.directory import PrefixMatch
 from router.policy import (
     DecodePolicyConfig,
+    PrefillPolicyConfig,
     ReplicaLoad,
     RequestInfo,
     merge_matches,
     prefill_costs,
     rank_decode_replicas,
     rank_replicas,
+    tier_credits,
 )
 from router.speculative import SpeculativeRoutes
 
@@ -46,18 +49,41 @@ def test_load_outweighs_a_match_when_the_queue_costs_more_than_the_savings():
     assert rank_replicas(REQ, loads(0, 500, saved - 40), {"r2": dev(40)})[0] == "r2"
 
 
-def test_cost_is_queued_plus_uncached_tokens_with_tier_credits():
+# Promote costs of 10 and 50 us per token against a 2,000 tokens/s prefill: a host block
+# saves 98% of its recompute, a disk block 90%.
+TIERED = PrefillPolicyConfig(promote_s_per_token=(0.0, 10e-6, 50e-6), prefill_tokens_per_s=2000.0)
+
+
+def test_cost_is_queued_plus_uncached_tokens_plus_promote_time():
     m = {"r0": PrefixMatch(8, Tier.DISK, (4, 2, 2))}
-    c = prefill_costs(REQ, loads(100), m)
-    assert c["r0"] == pytest.approx(100 + REQ.num_tokens - BS * (4 + 0.75 * 2 + 0.25 * 2))
-    # A measured prefill speed turns the cost into seconds.
+    c = prefill_costs(REQ, loads(100), m, TIERED)
+    promote_tokens = BS * (2 * 10e-6 + 2 * 50e-6) * 2000.0  # promote seconds, in prefill tokens
+    assert c["r0"] == pytest.approx(100 + REQ.num_tokens - BS * 8 + promote_tokens)
+    assert tier_credits(TIERED.promote_s_per_token, 2000.0) == pytest.approx((1.0, 0.98, 0.9))
+    # A measured prefill speed turns the cost into seconds, and prices promotion with it:
+    # at 20,000 tokens/s a 50 us/token disk read is as slow as recomputing (credit 0).
     c = prefill_costs(REQ, [ReplicaLoad("x", 1000, prefill_tokens_per_s=2000.0)], {})
     assert c["x"] == pytest.approx((1000 + REQ.num_tokens) / 2000.0)
+    fast = [ReplicaLoad("x", 0, prefill_tokens_per_s=20_000.0)]
+    disk_only = {"x": PrefixMatch(8, Tier.DISK, (0, 0, 8))}
+    assert prefill_costs(REQ, fast, disk_only, TIERED)["x"] == pytest.approx(REQ.num_tokens / 20_000.0)
+
+
+def test_a_cheap_host_hit_beats_a_shorter_device_hit():
+    # 40 blocks in host memory vs 35 on the device, idle replicas: promoting 40 blocks costs
+    # far less than recomputing 5, so the host holder wins. (A flat 0.75 host credit, as
+    # the policy used before promote costs were measured, ranked it second: 30 < 35.)
+    m = {"r0": PrefixMatch(40, Tier.HOST, (0, 40, 0)), "r1": dev(35)}
+    assert rank_replicas(REQ, loads(0, 0), m, TIERED) == ["r0", "r1"]
+    # A promote as slow as recompute makes a host hit worth nothing.
+    slow = PrefillPolicyConfig(promote_s_per_token=(0.0, 1 / 2000.0, 1 / 2000.0), prefill_tokens_per_s=2000.0)
+    assert prefill_costs(REQ, loads(0), {"r0": m["r0"]}, slow)["r0"] == REQ.num_tokens
 
 
 def test_faster_tier_wins_at_equal_depth():
-    m = {"r0": PrefixMatch(30, Tier.DISK, (0, 0, 30)), "r1": PrefixMatch(30, Tier.HOST, (0, 30, 0))}
-    assert rank_replicas(REQ, loads(0, 0), m) == ["r1", "r0"]
+    m = {"r0": PrefixMatch(30, Tier.DISK, (0, 0, 30)), "r1": PrefixMatch(30, Tier.HOST, (0, 30, 0)), "r2": dev(30)}
+    assert rank_replicas(REQ, loads(0, 0, 0), m) == ["r2", "r1", "r0"]  # the measured defaults
+    assert rank_replicas(REQ, loads(0, 0, 0), m, TIERED) == ["r2", "r1", "r0"]
 
 
 def test_fully_cached_prompt_still_costs_its_last_token():
@@ -103,6 +129,28 @@ def test_ranking_is_deterministic_and_ties_spread_cold_prompts():
     assert len(firsts) >= 5  # different cold prompts land on different replicas
 
 
+def test_ties_do_not_follow_a_shared_system_prompt_block():
+    # Every conversation starts with the same system-prompt block, the replicas are idle
+    # and nothing is cached: every request is a tie between 8 replicas.
+    system = list(range(BS))
+    ls = loads(*([0] * 8))
+    reqs = [RequestInfo(hash_prompt_blocks(system + [1000 + c] * (3 * BS), BS, "m"), 4 * BS, BS) for c in range(400)]
+    firsts = Counter(rank_replicas(r, ls, {})[0] for r in reqs)
+    # Spread evenly (binomial 400 x 1/8 = 50 +- 6.6 each), never piled on one replica...
+    assert len(firsts) == 8 and max(firsts.values()) < 80, firsts
+    # ...while seeding with the first block, as the policy used to, sends every tie to the
+    # same replica (load imbalance 1.06-1.11 on a real multi-turn trace).
+    old = Counter(rank_replicas(RequestInfo(r.block_hashes, r.num_tokens, BS, tiebreak_seed=r.block_hashes[0]), ls, {})[0]
+                  for r in reqs)
+    assert len(old) == 1
+    # The same prompt still ties the same way every time, and a caller-given seed (the
+    # Serve router's request id for a prompt shorter than one block) is honoured.
+    assert rank_replicas(reqs[7], ls, {}) == rank_replicas(reqs[7], ls[::-1], {})
+    short = [RequestInfo((), 5, BS, tiebreak_seed=s) for s in range(64)]
+    assert len(Counter(rank_replicas(r, ls, {})[0] for r in short)) == 8
+    assert len(Counter(rank_decode_replicas(r, ls, {})[0] for r in reqs)) == 8
+
+
 def test_decode_affinity_until_load_says_otherwise():
     cfg = DecodePolicyConfig()
     ls = [ReplicaLoad("a", num_running=10, max_num_seqs=64), ReplicaLoad("b", num_running=8, max_num_seqs=64)]
@@ -140,3 +188,13 @@ def test_speculative_entries_keep_a_burst_together_then_expire():
 
 def test_merge_matches_keeps_the_longest():
     assert merge_matches({"a": dev(3), "b": dev(1)}, {"a": dev(2), "b": dev(5)}) == {"a": dev(3), "b": dev(5)}
+
+
+def test_routing_config_knobs_become_the_policys_promote_costs():
+    from router.serve_routers import _tier_cost_fields
+
+    kw = {"host_promote_us_per_token": 4.0, "prefill_tokens_per_s": 100.0, "lookup_timeout_s": 1.0}
+    fields = _tier_cost_fields(kw)
+    assert fields["promote_s_per_token"] == pytest.approx((0.0, 4e-6, PrefillPolicyConfig().promote_s_per_token[2]))
+    assert fields["prefill_tokens_per_s"] == 100.0 and kw == {"lookup_timeout_s": 1.0}
+    assert _tier_cost_fields({}) == {}

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
-from router.replay import PoolSimulator, ReplayConfig, ServiceModel, TraceRequest, load_trace, replay
+from router.replay import (
+    PoolSimulator,
+    ReplayConfig,
+    ServiceModel,
+    TraceRequest,
+    load_trace,
+    replay,
+    tier_comparison,
+)
 from router.replay_cli import main as _main  # noqa: F401 - the module entry point imports
 from router.replay_cli import replay_command
 
@@ -52,6 +61,47 @@ def test_lru_capacity_limits_hits():
     assert res.hit_rate == 0.0  # (1, 2) was evicted by (3, 4)
 
 
+def test_a_host_hit_costs_its_promote_time_and_outlives_the_device():
+    svc = ServiceModel(1000.0, 0.5, (0.0, 1e-4, 1e-3))
+    a, b = TraceRequest(0.0, 1024, 1, (1, 2)), TraceRequest(10.0, 1024, 1, (3, 4))
+    again = TraceRequest(20.0, 1024, 1, (1, 2))
+    cfg = ReplayConfig(num_replicas=1, cache_tokens=2 * 512, host_tokens=4 * 512, service=svc)
+    res = PoolSimulator("kvferry", cfg).run([a, b, again])
+    # b pushed (1, 2) to host; `again` promotes 1023 tokens (the last is computed).
+    assert res.hit_rate_host == pytest.approx(1023 / 3072) and res.hit_rate_device == 0.0
+    assert res.ttft_mean_s == pytest.approx((2 * (0.5 + 1.024) + 0.5 + 0.001 + 1023 * 1e-4) / 3)
+    assert PoolSimulator("kvferry", replace(cfg, host_tokens=0)).run([a, b, again]).hit_rate == 0.0
+    # Past the device TTL (5 s) the blocks live on in host memory for the host TTL (60 s).
+    ttl = replace(cfg, cache_tokens=8 * 512, ttl_s=5.0, host_ttl_s=60.0)
+    late = TraceRequest(40.0, 1024, 1, (1, 2))
+    res = PoolSimulator("kvferry", ttl).run([a, late])
+    assert res.hit_rate_host == pytest.approx(1023 / 2048)
+    assert PoolSimulator("kvferry", replace(ttl, host_tokens=0)).run([a, late]).hit_rate == 0.0
+    assert PoolSimulator("kvferry", ttl).run([a, TraceRequest(100.0, 1024, 1, (1, 2))]).hit_rate == 0.0
+
+
+def test_host_tier_pays_off_only_when_routing_sees_it():
+    """Working set 4x the device tier: a host tier lifts the hit rate a little with a
+    device-only router view, and a lot when the router credits host hits."""
+    rng = random.Random(0)
+    prefixes = [tuple(range(1000 * i, 1000 * i + 8)) for i in range(24)]
+    trace, t = [], 0.0
+    for i in range(300):
+        t += rng.expovariate(2.0)
+        ids = prefixes[rng.randrange(len(prefixes))] + (10**6 + 2 * i, 10**6 + 2 * i + 1)
+        trace.append(TraceRequest(t, len(ids) * 512 - 100, 10, ids))
+    # A short speculative TTL: affinity must come from the directory, not the router's memory.
+    cfg = ReplayConfig(num_replicas=4, cache_tokens=16 * 512, host_tokens=64 * 512, speculative_ttl_s=1.0,
+                       service=ServiceModel(12_000.0, 0.02))
+    device, blind, aware = tier_comparison(trace, cfg)
+    assert device.hit_rate_host == 0.0 and (device.host_tokens, blind.tier_events) == (0, False)
+    assert aware.hit_rate > blind.hit_rate + 0.2 and blind.hit_rate > device.hit_rate
+    assert aware.hit_rate_host > 0.3
+    assert aware.ttft_mean_s < 0.75 * blind.ttft_mean_s and blind.ttft_mean_s < device.ttft_mean_s
+    total = aware.hit_rate_device + aware.hit_rate_host + aware.hit_rate_disk
+    assert total == pytest.approx(aware.hit_rate)
+
+
 def test_cache_aware_policies_beat_round_robin_on_shared_prefixes():
     trace = _trace()
     cfg = ReplayConfig(num_replicas=4, cache_tokens=40 * 512, service=ServiceModel(12_000.0, 0.02))
@@ -87,7 +137,20 @@ def test_cli_json_has_the_documented_keys(tmp_path):
     rows = json.loads(out.output)
     assert [r["policy"] for r in rows[:2]] == ["round_robin", "kvferry"]
     assert len(rows) > 2 and all(r["ttl_s"] is not None for r in rows[2:])
-    for key in ("policy", "hit_rate", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "imbalance"):
+    for key in ("policy", "hit_rate", "hit_rate_device", "hit_rate_host", "hit_rate_disk", "ttft_mean_s",
+                "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "imbalance"):
         assert key in rows[0]
+    # With a lower tier: the policies, then kvferry device-only / tier-blind / tier-aware.
+    out = CliRunner().invoke(app, [str(p), "--replicas", "2", "--cache-tokens", "4096", "--host-tokens", "16384",
+                                   "--disk-tokens", "65536", "--host-ttl", "600", "--host-promote-us-per-token", "8",
+                                   "--policies", "kvferry", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert [(r["host_tokens"], r["disk_tokens"], r["tier_events"]) for r in rows] == [
+        (16384, 65536, True), (0, 0, True), (16384, 65536, False), (16384, 65536, True)]
+    assert rows[0] == rows[3]
+    table = CliRunner().invoke(app, [str(p), "--replicas", "2", "--cache-tokens", "4096", "--host-tokens", "16384",
+                                     "--policies", "kvferry"])
+    assert table.exit_code == 0 and "vs device only" in table.output and "dev/host/disk" in table.output
     bad = CliRunner().invoke(app, [str(p), "--policies", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output

@@ -1,14 +1,16 @@
 """The Prompt cache board: how much of each prompt the pools find cached, and why.
 
-Top: the engines' prefix caches (hit rate and cached tokens per pool). Middle: the KV
+Top: the engines' prefix caches (hit rate and cached tokens per pool), then the cache
+tokens read and written per API surface and TTL class (the ingress counts them). Middle: the KV
 blocks behind them by tier and state, and what drops them (TTL expiry against eviction for
-room: many capacity evictions mean the TTLs outlive the memory). Bottom: the routers' view,
+room: many capacity evictions mean the TTLs outlive the memory), and the explicit caches
+pinned until their fixed expiry. Bottom: the routers' view,
 the directory that tells them where prefixes live and the reasons behind their decisions.
 """
 
 from __future__ import annotations
 
-from cluster.observability.dashboards.exprs import gauge, rate_sum, ratio, router_sel, serve_sel
+from cluster.observability.dashboards.exprs import gauge, ingress_sel, rate_sum, ratio, router_sel, serve_sel
 from cluster.observability.dashboards.spec import Board, Panel, Row, Target, describe
 from cluster.observability.promql import ROUTER_POOL_LABEL
 
@@ -30,6 +32,20 @@ def _hits() -> tuple[Panel, ...]:
     )
 
 
+def _surfaces() -> tuple[Panel, ...]:
+    read, written = "kvferry_prompt_cache_read_tokens_total", "kvferry_prompt_cache_written_tokens_total"
+    note = (" One line per API surface (openai, anthropic, gemini, grpc) and TTL class (5m, 1h, other), "
+            "counted by the ingress once per finished request.")
+    return (
+        Panel("Cache reads by API surface and TTL", describe(read) + note, "suffix: tok/s",
+              (Target(rate_sum(read, ingress_sel(), "surface", "ttl_class"), "{{surface}} {{ttl_class}}",
+                      pool_label=None),), stack=True, width=12),
+        Panel("Cache writes by API surface and TTL", describe(written) + note, "suffix: tok/s",
+              (Target(rate_sum(written, ingress_sel(), "surface", "ttl_class"), "{{surface}} {{ttl_class}}",
+                      pool_label=None),), stack=True, width=12),
+    )
+
+
 def _blocks() -> tuple[Panel, ...]:
     evictions = "kvferry_kv_block_evictions_total"
     return (
@@ -41,6 +57,21 @@ def _blocks() -> tuple[Panel, ...]:
         Panel("TTL expiries vs capacity evictions", describe(evictions) + " Per second.", "suffix: blocks/s",
               (Target(rate_sum(evictions, serve_sel(), POOL, "tier", "reason"),
                       "{{deployment}} {{tier}} {{reason}}", requires="kv_evictions"),)),
+    )
+
+
+def _explicit() -> tuple[Panel, ...]:
+    caches, tokens = "kvferry_explicit_caches", "kvferry_explicit_cache_pinned_tokens"
+    expiries = "kvferry_explicit_cache_expirations_total"
+    return (
+        Panel("Explicit caches and their pinned tokens",
+              f"{describe(caches)} {describe(tokens)} Summed over the pool's replicas; pinned blocks also "
+              "count as used KV.", "short",
+              (Target(gauge("sum", caches, serve_sel(), POOL), "{{deployment}} caches"),
+               Target(gauge("sum", tokens, serve_sel(), POOL), "{{deployment}} pinned tokens"))),
+        Panel("Explicit-cache expiries/s", describe(expiries) + " (fixed TTLs: a hit never extends one).",
+              "suffix: caches/s",
+              (Target(rate_sum(expiries, serve_sel(), POOL), "{{deployment}}", requires="explicit_cache_expiry"),)),
     )
 
 
@@ -74,7 +105,9 @@ BOARD = Board(
                 "vs capacity evictions, the KV directory and the routers' decisions.",
     rows=(
         Row("Prefix cache", _hits()),
+        Row("Cache reads and writes by API surface", _surfaces()),
         Row("KV blocks", _blocks()),
+        Row("Explicit caches", _explicit()),
         Row("Directory and routing", _routing()),
     ),
 )

@@ -22,6 +22,7 @@ CONDITIONS: dict[str, str] = {
     "api_errors": "the ingress answered at least one error (any code but ok)",
     "kv_evictions": "an engine dropped a cached KV block (TTL expiry or eviction for room)",
     "directory_expiry": "a KV directory entry reached its TTL",
+    "explicit_cache_expiry": "an explicit cache (Gemini cachedContents) reached its expiry",
     "transfer_failure": "a KV transfer failed or the prefill pool was unavailable (local recompute)",
 }
 

@@ -6,7 +6,8 @@ Extends ``test_hostile_requests.py`` (which covers over-size bodies, the cache-T
 deeply nested JSON, invalid UTF-8, lone surrogates, NaN, numbers with thousands of digits,
 bodies that are not objects or not JSON, ``n`` / ``max_tokens`` / ``stop`` / ``logit_bias``
 out of range, token ids outside the vocabulary, malformed messages. One colocated replica
-(tiny random Llama, vocabulary of 320) serves the module.
+(tiny random Llama, vocabulary of 320, 128-token context) serves the module: ``colocated_server``,
+the app test_api_fuzz.py runs just before, reused rather than deployed again.
 """
 
 from __future__ import annotations
@@ -14,32 +15,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.cluster.conftest import deploy_app
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-APP = "kvferry-hostile-inputs"
 VOCAB = 320  # tests.engine.tiny_models.VOCAB_SIZE
 DEEP = 100_000
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model: Path):
-    settings = {
-        "mode": "colocated",
-        "mixed": {"num_replicas": 1},
-        "model": {"model": str(tiny_model)},
-        "engine": {"num_kv_blocks": 128, "block_size": 16},
-    }
-    with deploy_app(APP, settings) as (url, _):
-        yield url
+def server(colocated_server: str) -> str:
+    """The colocated tiny-model app this module shares with test_api_fuzz.py."""
+    return colocated_server
 
 
 @pytest.fixture(scope="module")
