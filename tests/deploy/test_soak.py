@@ -1,10 +1,15 @@
-"""Soak: ``kvferry bench`` with 64 concurrent streaming clients for 5 minutes against
-``kvferry serve`` on the CPU default model.
+"""Soak: ``kvferry bench`` with 64 concurrent streaming clients against ``kvferry serve`` on
+the CPU default model.
 
 Promises: no request fails; afterwards no KV block is held (usage back to 0) and nothing
-runs or waits; every replica's resident memory grows less than 10 % from minute 1 to the
-end (a leak per request would show as steady growth). ``KVFERRY_SOAK_S`` shortens it for a
-quick local run; CI runs the full 300 s.
+runs or waits; no replica's resident memory grows 10 % or more from the run's early window to
+its end (a leak per request, or a fragmenting heap, shows as steady growth).
+
+Length: ``KVFERRY_SOAK_S`` seconds of traffic, 120 by default (CI); clients finish the
+conversation they are in, so every client completes at least one three-turn conversation and
+the run lasts about three minutes on the 2-core CI box. That is long enough to catch the heap
+fragmentation this soak first found (the same 120 s without the fixed mmap threshold: decode
+RSS +24 %). ``KVFERRY_SOAK_S=300`` is the 5-minute soak docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SOAK_S = float(os.environ.get("KVFERRY_SOAK_S", "300"))
+SOAK_S = float(os.environ.get("KVFERRY_SOAK_S", "120"))
 CLIENTS = 64
-SAMPLE_EVERY_S = 10.0
+SAMPLE_EVERY_S = 2.0
 
 
 def _replica_pids() -> dict[str, int]:
@@ -57,6 +62,15 @@ def test_soak_64_streams(default_server) -> None:
         runner.join(SAMPLE_EVERY_S)
         samples.append((time.monotonic() - t0, _rss_mb(pids)))
     assert summary, "the load generator crashed"
+    # Measured first, asserted after: a failing run still prints what it saw.
+    growth, start, end = _rss_growth(samples)
+    s = summary
+    ttft = s["ttft_s"] or {"p50": float("nan"), "p99": float("nan")}
+    print(f"[measured] soak {SOAK_S:.0f}s x {CLIENTS} clients: {s['num_requests']} requests, {s['num_ok']} ok "
+          f"in {s['wall_s']:.0f}s; TTFT p50 {ttft['p50']:.2f}s p99 {ttft['p99']:.2f}s; RSS growth "
+          + ", ".join(f"{k.split('#')[0]} {100 * g:+.1f}% ({start[k]:.0f}->{end[k]:.0f} MB)" for k, g in growth.items()))
+    series = {k.split("#")[0]: [round(v[k]) for _, v in samples] for k in start}
+    print(f"[measured] RSS every {SAMPLE_EVERY_S:.0f}s (MB): {series}")
     assert summary["num_requests"] > CLIENTS, summary["num_requests"]
     assert summary["num_ok"] == summary["num_requests"], summary["errors"]
 
@@ -72,21 +86,20 @@ def test_soak_64_streams(default_server) -> None:
             time.sleep(0.5)
         assert idle, f"{pool} not idle after the soak: {engine}"
         assert engine.num_free_blocks == engine.num_total_blocks, f"{pool} holds blocks: {engine}"
+    assert all(g < 0.10 for g in growth.values()), (growth, series)
 
-    # Memory: the median of minute 1's samples (models loaded, allocator warm) against the
-    # median of the last minute's; medians, because the allocator breathes by ~5 % either way.
+
+def _rss_growth(samples: list[tuple[float, dict[str, float]]]) -> tuple[dict[str, float], ...]:
+    """Each replica's RSS growth from the early window to the end, and the two medians.
+
+    Early: the traffic's second fifth (60-120 s of a 5-minute run: models loaded, allocator
+    warm); end: its last fifth and the drain after it. Medians, because the decode replica's
+    RSS swings by 10-20 % from one sample to the next."""
     def median_over(lo: float, hi: float, key: str) -> float:
         vals = sorted(v[key] for t, v in samples if lo <= t < hi) or [samples[-1][1][key]]
         return vals[len(vals) // 2]
 
-    minute = min(60.0, SOAK_S / 5)
-    start = {k: median_over(minute, 2 * minute, k) for k in samples[0][1]}
-    end = {k: median_over(SOAK_S - minute, float("inf"), k) for k in samples[0][1]}
-    growth = {k: end[k] / start[k] - 1 for k in start}
-    s = summary
-    print(f"[measured] soak {SOAK_S:.0f}s x {CLIENTS} clients: {s['num_requests']} requests, {s['num_ok']} ok; "
-          f"TTFT p50 {s['ttft_s']['p50']:.2f}s p99 {s['ttft_s']['p99']:.2f}s; RSS growth "
-          + ", ".join(f"{k.split('#')[0]} {100 * g:+.1f}% ({start[k]:.0f}->{end[k]:.0f} MB)" for k, g in growth.items()))
-    series = {k.split("#")[0]: [round(v[k]) for _, v in samples] for k in start}
-    print(f"[measured] RSS every {SAMPLE_EVERY_S:.0f}s (MB): {series}")
-    assert all(g < 0.10 for g in growth.values()), (growth, series)
+    fifth = min(60.0, SOAK_S / 5)
+    start = {k: median_over(fifth, 2 * fifth, k) for k in samples[0][1]}
+    end = {k: median_over(SOAK_S - fifth, float("inf"), k) for k in samples[0][1]}
+    return {k: end[k] / start[k] - 1 for k in start}, start, end
