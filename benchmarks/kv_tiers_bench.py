@@ -146,7 +146,8 @@ def bench_multiturn(model: str, args: argparse.Namespace, tiers: dict[str, Any],
     ttfts, prompt_tokens, by_tier = [], 0, [0, 0, 0]
     for i, c in enumerate(order):
         if i % 10 == 0:
-            print(f"  (b) {sorted(tiers) or ['device only']} turn {i}/{len(order)}", file=sys.stderr, flush=True)
+            name = "device" + (" + host" if tiers else "") + (" + disk" if disk_dir else "")
+            print(f"  (b) {name}: turn {i}/{len(order)}", file=sys.stderr, flush=True)
         history[c] += convs[c][next_turn[c]]
         next_turn[c] += 1
         t, out = _ttft(eng, history[c], params)
