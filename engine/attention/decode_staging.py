@@ -5,8 +5,10 @@ padded tensor, per layer, per step. On CPU that gather moves as many bytes as th
 attention itself reads. But in steady-state decoding the batch is the same from one step
 to the next, and each sequence just grows by one token. So the first step gathers into
 a buffer with some headroom, and every following step only appends the new token's K/V.
-A new batch (a request joined or left, a block table changed, a preemption) rebuilds
-the buffer.
+When requests leave the batch (they finished, or were aborted or preempted) the rows
+that stay move up in place before the append: a re-gather there cost a step ~2x its
+usual time, and workloads with mixed output lengths have a leaver every few steps. A
+request joining, a block table change or running out of headroom rebuilds the buffer.
 
 The paged cache is still written every step, because it stays the source of truth for
 prefix caching, preemption and KV transfer. The staging buffer is only a read cache.
@@ -47,9 +49,16 @@ class DecodeStaging:
         self._capacity = 0
         # Per step, shared by every layer: the longest context and the rows appended to.
         self._max_len = 0
+        self._batch = 0
         self._append_rows = torch.empty(0, dtype=torch.long)
+        # Per step, when rows left the batch: the old row each new row came from (else None).
+        self._kept_rows: list[int] | None = None
+        # Layers whose rows were already moved up this step (by their cache's data_ptr).
+        self._compacted: set[int] = set()
         # Steps that had to re-gather instead of appending (observability and tests).
         self.num_rebuilds = 0
+        # Steps that moved rows up after requests left, instead of re-gathering.
+        self.num_compactions = 0
 
     def keys_values(
         self,
@@ -76,6 +85,9 @@ class DecodeStaging:
         stage = self._layers.get(layer)
         max_len = self._max_len
         if self._append and stage is not None:
+            if self._kept_rows is not None and layer not in self._compacted:
+                _move_rows_up(stage, self._kept_rows)
+                self._compacted.add(layer)
             # One row copy per (sequence, KV head): this step's token lands at its position.
             d = k_new.shape[-1]
             stage.k.view(-1, d).index_copy_(0, self._append_rows, k_new.reshape(-1, d))
@@ -83,11 +95,18 @@ class DecodeStaging:
         else:
             stage = self._rebuild(k_cache, v_cache, tables, max_len)
             self._layers[layer] = stage
-        return stage.k[:, :, :max_len], stage.v[:, :, :max_len]
+        b = self._batch  # rows past the batch (left by requests that went) are stale
+        return stage.k[:b, :, :max_len], stage.v[:b, :, :max_len]
 
     def _begin_step(self, tables: torch.Tensor, lens: list[int], lens_tensor: torch.Tensor, k_cache: torch.Tensor) -> None:
         """Decide append-or-rebuild for this step, and compute what every layer reuses."""
-        self._append = self._same_batch_grown_by_one(tables, lens, k_cache.shape[1])
+        kept = self._rows_kept(tables, lens, k_cache.shape[1])
+        self._append = kept is not None
+        identity = kept is not None and kept == list(range(len(kept))) and len(kept) == len(self._prev_lens)
+        self._kept_rows = None if identity else kept
+        self._compacted = set()
+        if self._kept_rows is not None:
+            self.num_compactions += 1
         _, _, h_kv, d = k_cache.shape
         if not self._append:
             self.num_rebuilds += 1
@@ -95,7 +114,7 @@ class DecodeStaging:
             per_layer = 2 * len(lens) * h_kv * cap * d * k_cache.element_size()
             self._capacity = cap if per_layer <= MAX_STAGING_BYTES_PER_LAYER else 0
             self._layers.clear()
-        self._max_len = max(lens)
+        self._max_len, self._batch = max(lens), len(lens)
         if self._append:
             # Flat row of (b, h, lens[b] - 1) in a (B, H_kv, cap, D) buffer viewed as (-1, D).
             b_h = torch.arange(len(lens) * h_kv, device=k_cache.device).view(len(lens), h_kv)
@@ -104,19 +123,33 @@ class DecodeStaging:
         self._prev_tables = tables.clone()
         self._prev_lens = list(lens)
 
-    def _same_batch_grown_by_one(self, tables: torch.Tensor, lens: list[int], block_size: int) -> bool:
-        """True when every row is last step's row plus one token, over the same blocks."""
+    def _rows_kept(self, tables: torch.Tensor, lens: list[int], block_size: int) -> list[int] | None:
+        """For each row, last step's row it continues (same blocks, one token longer); None
+        when some row continues none (a request joined, a table changed) or the headroom ran out.
+
+        Rows keep their order when requests leave (the scheduler's running list), so one
+        forward walk matches them. Two rows with the same blocks and length hold the same
+        K/V, so a match is always a correct source whichever request it was.
+        """
         prev, prev_lens = self._prev_tables, self._prev_lens
-        if prev is None or len(lens) != len(prev_lens) or max(lens) > self._capacity:
-            return False
-        if any(n != p + 1 for n, p in zip(lens, prev_lens)) or tables.shape[1] < prev.shape[1]:
-            return False
-        # Compare only the blocks each row actually used last step: a padding 0 that has
-        # since become a real block (the row crossed a block boundary) is not a change.
-        width = prev.shape[1]
-        used = torch.tensor([-(-p // block_size) for p in prev_lens], device=prev.device)
-        valid = torch.arange(width, device=prev.device)[None, :] < used[:, None]  # (B, nb)
-        return bool(((tables[:, :width] == prev) | ~valid).all())
+        if prev is None or not lens or len(lens) > len(prev_lens) or max(lens) > self._capacity:
+            return None
+        rows, prev_rows = tables.tolist(), prev.tolist()
+        kept: list[int] = []
+        j = 0
+        for row, n in zip(rows, lens):
+            while j < len(prev_lens):
+                # Only the blocks the old row used: a padding 0 that has since become a
+                # real block (the row crossed a block boundary) is not a change.
+                used = -(-prev_lens[j] // block_size)
+                if n == prev_lens[j] + 1 and row[:used] == prev_rows[j][:used]:
+                    break
+                j += 1
+            if j == len(prev_lens):
+                return None
+            kept.append(j)
+            j += 1
+        return kept
 
     def _rebuild(
         self, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, max_len: int
@@ -135,3 +168,15 @@ class DecodeStaging:
             buf[:, :, max_len:].zero_()
             out.append(buf)
         return _LayerStage(out[0], out[1])
+
+
+def _move_rows_up(stage: _LayerStage, kept: list[int]) -> None:
+    """Row ``i`` of each buffer becomes old row ``kept[i]`` (``kept`` increasing, so rows
+    only move up); only rows from the first one that changes are copied."""
+    first = next((i for i, j in enumerate(kept) if i != j), len(kept))
+    if first == len(kept):
+        return
+    src = torch.tensor(kept[first:], dtype=torch.long, device=stage.k.device)
+    for buf in (stage.k, stage.v):
+        # index_select copies out first: source and destination rows overlap.
+        buf[first : len(kept)] = buf.index_select(0, src)

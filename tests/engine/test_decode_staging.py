@@ -54,3 +54,23 @@ def test_steady_decode_appends_instead_of_regathering(tiny_model_dir) -> None:
     # Decode steps: ~40. Re-gathers: the first decode step, plus one per 64-token headroom
     # exhaustion (none here). Anything per block boundary would be > 10.
     assert 1 <= staging.num_rebuilds <= 3
+
+
+def test_requests_leaving_the_batch_move_rows_up_instead_of_regathering(tiny_model_dir) -> None:
+    """Mixed output lengths: a request leaves every few steps; the rows that stay move up
+    in the staging buffer (no re-gather) and every token matches the gathering engine."""
+    path = str(tiny_model_dir("llama"))
+    kw = dict(block_size=4, num_kv_blocks=128)
+    staged = LLMEngine.from_pretrained(path, **kw)
+    gathered = LLMEngine.from_pretrained(path, **kw)
+    gathered.runner.backend = TorchAttentionBackend(stage_decode=False)
+    prompts = [[10 + i] * (3 + i % 4) for i in range(8)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 5 * i, ignore_eos=True) for i in (3, 0, 6, 1, 7, 2, 5, 4)]
+    a = [o.token_ids for o in staged.generate(prompts, params)]
+    b = [o.token_ids for o in gathered.generate(prompts, params)]
+    assert a == b
+    staging = staged.runner.backend._staging
+    # Seven requests leave (one at a time: all lengths differ) while others decode; each
+    # leaving moves rows up. Only the first decode step gathers (before: one per leaver).
+    assert staging.num_compactions >= 6
+    assert staging.num_rebuilds <= 2
