@@ -8,6 +8,8 @@ same engine Grafana and the alert manager would use.
 
 from __future__ import annotations
 
+import logging
+import math
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 class PrometheusError(RuntimeError):
@@ -47,7 +51,9 @@ class LocalPrometheus:
     workdir: Path
     rule_files: list[Path] = field(default_factory=list)
     # Ray's exporter can take over a second to render a big cluster's metrics (every dead
-    # replica's series lingers), so scrape every 2 s with a 2 s timeout, not 1 s.
+    # replica's series lingers), so scrape every 2 s with a 2 s timeout, not 1 s; ``start``
+    # lengthens both to 3x the slowest render it measures. A scrape that times out marks
+    # every series of its target stale, so queries right after it find nothing.
     scrape_interval_s: float = 2.0
     binary: str = "prometheus"
     port: int = 0
@@ -74,6 +80,7 @@ class LocalPrometheus:
             raise PrometheusError(f"`{self.binary}` not found: install Debian's prometheus package (make tools)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self._fit_interval_to_targets()
         log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - lives as long as the process
         self._proc = subprocess.Popen(
             [exe, f"--config.file={self._write_config()}", f"--storage.tsdb.path={self.workdir / 'data'}",
@@ -91,6 +98,21 @@ class LocalPrometheus:
                 pass
             time.sleep(0.2)
         raise PrometheusError(f"prometheus not ready after {timeout_s:g}s: {self.log_tail()}")
+
+    def _fit_interval_to_targets(self) -> None:
+        """Scrape interval (and timeout) >= 3x the slowest target's render time, measured now."""
+        slowest = 0.0
+        for target in self.targets:
+            for _ in range(3):
+                t = time.monotonic()
+                try:
+                    httpx.get(f"http://{target}/metrics", timeout=30)
+                except httpx.HTTPError:
+                    break  # unreachable: Prometheus will report it down
+                slowest = max(slowest, time.monotonic() - t)
+        if 3 * slowest > self.scrape_interval_s:
+            self.scrape_interval_s = float(math.ceil(3 * slowest))
+            logger.info("metrics take up to %.2f s to render: scraping every %g s", slowest, self.scrape_interval_s)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

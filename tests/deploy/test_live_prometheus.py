@@ -51,7 +51,7 @@ def live(default_server, tmp_path_factory: pytest.TempPathFactory) -> Any:
         live_traffic.let_blocks_expire(url, model, default_server.ttl_s)
         time.sleep(RAY_EXPORT_S)
         prom.wait_for_scrapes(target, 2)
-        time.sleep(3)  # one rule evaluation after the last scrape
+        time.sleep(prom.scrape_interval_s + 1)  # one rule evaluation after the last scrape
         yield {"prom": prom, "sent": sent, "url": url}
 
 
@@ -124,7 +124,7 @@ def test_every_dashboard_panel_returns_data(live) -> None:
         if problem := _check(prom, where, render_query(q.expr, {"application": "kvferry"}), q.pool_label):
             problems.append(problem)
     assert checked >= 30, f"only {checked} panel queries: the dashboards lost panels"
-    assert not problems, "\n".join(problems)
+    assert not problems, "\n".join(problems) + f"\ntargets: {prom.target_health()}"
 
 
 def test_every_template_variable_has_values(live) -> None:
@@ -146,7 +146,7 @@ def test_the_traffic_is_what_the_metrics_say(live) -> None:
     """A few panels' numbers against what the test itself sent."""
     prom, sent = live["prom"], live["sent"]
     failures = prom.query('sum(ray_kvferry_local_recomputes_total{reason="transfer_failed"})')
-    assert failures and failures[0].value >= sent["failed_transfer"]
+    assert failures and failures[0].value >= sent["failed_transfer"], f"{failures}; targets: {prom.target_health()}"
     hits = prom.query('sum(ray_kvferry_prefix_cache_hits_total{deployment="decode"})')
     assert hits and hits[0].value > 0, "cached prompts produced no prefix-cache hits"
     for kind in ("read", "written"):  # the ingress's per-surface account of the same traffic
