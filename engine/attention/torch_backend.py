@@ -70,8 +70,10 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
         nd = meta.num_decode_tokens
+        if nd and not meta.num_prefills:  # decode-only step: no output buffer to fill
+            return self._decode(q, k, v, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta, scale)
         if meta.num_prefills:

@@ -13,7 +13,7 @@ import torch
 from engine.forward_context import ForwardContext
 from engine.models.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm
-from engine.models.rotary import rotate_qk
+from engine.models.rotary import apply_rotary, rotate_qk
 
 
 class Attention(torch.nn.Module):
@@ -54,9 +54,19 @@ class Attention(torch.nn.Module):
         fused = ctx.fused_kernels
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q, fused=fused), self.k_norm(k, fused=fused)
-        # rotate_qk returns fresh contiguous q/k; v is made contiguous too so every
-        # backend (and the Triton store kernel) sees plain (T, H, D) tensors.
-        q, k = rotate_qk(q, k, cos, sin, fused=fused)
+        if self.q_norm is None and not fused:
+            # q and k sit side by side in qkv: one rotation over all their heads is half the
+            # elementwise ops of two (same values, bit for bit); a CPU decode step runs
+            # hundreds of these small ops, each costing more in dispatch than in arithmetic.
+            heads = self.num_heads + self.num_kv_heads
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            if t > 1:  # one token: both views are contiguous already
+                q, k = q.contiguous(), k.contiguous()
+        else:
+            q, k = rotate_qk(q, k, cos, sin, fused=fused)
+        # q and k are fresh contiguous tensors; v is made contiguous too so every backend
+        # (and the Triton store kernel) sees plain (T, H, D) tensors.
         v = v.contiguous()
         if torch.compiler.is_compiling():  # opaque to the compiler: see engine.models.compiled
             out = torch.ops.kvferry.attention(q, k, v, self.layer_idx, self.scale)
