@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from engine import LLMEngine, SamplingParams
+from machine import cpu_info
 
 # best-of-N timer: runs a timing callable N times, keeps the fastest.
 Best = Callable[[Callable[[], float]], float]
@@ -198,18 +199,9 @@ class VllmPeer:
         self._spec.unlink(missing_ok=True)
 
 
-def _cpu() -> dict[str, str]:
-    """The CPU model and its vector ISA flags, as lscpu reports them."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    isa = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
-    return {"cpu_model": fields.get("Model name", "?").strip(), "isa": " ".join(isa)}
-
-
 def _meta(eng: LLMEngine, load_s: float) -> dict[str, Any]:
     return {
-        **_cpu(),
+        **cpu_info(),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from engine import LLMEngine, SamplingParams  # noqa: E402
+from machine import cpu_info  # noqa: E402
 
 BS = 16
 HOUR = 3600.0
@@ -171,10 +172,8 @@ def bench_multiturn(model: str, args: argparse.Namespace, tiers: dict[str, Any],
 
 
 def _meta() -> dict[str, str]:
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     return {
-        "cpu": model_name,
+        "cpu": cpu_info()["cpu_model"],
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         # The box may be shared: the 1-minute load average when the run ended.
         "loadavg_1m": f"{os.getloadavg()[0]:.1f}",

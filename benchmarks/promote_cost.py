@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,6 +49,7 @@ if str(REPO) not in sys.path:  # run as a script: make `engine` importable witho
 import torch  # noqa: E402
 
 from engine import LLMEngine, SamplingParams  # noqa: E402
+from machine import cpu_info  # noqa: E402
 
 BATCH = 32
 PROMPT_TOKENS = 512
@@ -64,16 +64,6 @@ def _time_s(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class _Promotes:
@@ -157,7 +147,7 @@ def measure(device: str, rounds: int, per_round: int) -> dict:
                 "vs_recompute": per_block_s / recompute_s}
 
     return {
-        "device": str(eng.device), "cpu": _cpu_model(), "torch": torch.__version__, "torch_threads": 1,
+        "device": str(eng.device), "cpu": cpu_info()["cpu_model"], "torch": torch.__version__, "torch_threads": 1,
         "model": eng.model_id, "dtype": str(cache.dtype).removeprefix("torch."), "block_size": eng.block_size,
         "block_shape": list(cache[:, :, 0].shape), "block_bytes": cache[:, :, 0].numel() * cache.element_size(),
         "rounds": rounds, "per_round": per_round,
