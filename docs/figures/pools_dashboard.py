@@ -13,7 +13,6 @@ machine, CPU model, date and commit go into the figure's title.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -28,21 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `cluster` importable without an install
     sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_info  # noqa: E402
 from cluster.observability.local_prometheus import LocalPrometheus, free_port  # noqa: E402
 
 POOL_LABELS = ("deployment", "pool", "ray_io_group", "backend", "code", "reason", "state")
 VARIABLES = {"cluster": ".*", "application": "kvferry", "pool": "prefill|decode|mixed",
              "__rate_interval": "30s", "__interval": "5s"}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _commit() -> str:
@@ -105,7 +95,7 @@ def _draw(prom: LocalPrometheus, start: float, end: float, out: Path) -> int:
             ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"kvferry Pools dashboard queries during `kvferry bench` — {_cpu_model()}, "
+    fig.suptitle(f"kvferry Pools dashboard queries during `kvferry bench` — {cpu_info()['cpu_model']}, "
                  f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, commit {_commit()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
