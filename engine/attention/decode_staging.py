@@ -54,8 +54,6 @@ class DecodeStaging:
         self._append_rows = torch.empty(0, dtype=torch.long)
         # Per step, when rows left the batch: the old row each new row came from (else None).
         self._kept_rows: list[int] | None = None
-        # Layers whose rows were already moved up this step (by their cache's data_ptr).
-        self._compacted: set[int] = set()
         # Steps that had to re-gather instead of appending (observability and tests).
         self.num_rebuilds = 0
         # Steps that moved rows up after requests left, instead of re-gathering.
@@ -86,9 +84,8 @@ class DecodeStaging:
         stage = self._layers.get(layer)
         max_len = self._max_len
         if self._append and stage is not None:
-            if self._kept_rows is not None and layer not in self._compacted:
+            if self._kept_rows is not None:  # each layer is called once per step
                 _move_rows_up(stage, self._kept_rows)
-                self._compacted.add(layer)
             # One row copy per (sequence, KV head): this step's token lands at its position.
             d = k_new.shape[-1]
             stage.k.view(-1, d).index_copy_(0, self._append_rows, k_new.reshape(-1, d))
@@ -105,7 +102,6 @@ class DecodeStaging:
         self._append = kept is not None
         identity = kept is not None and kept == list(range(len(kept))) and len(kept) == len(self._prev_lens)
         self._kept_rows = None if identity else kept
-        self._compacted = set()
         if self._kept_rows is not None:
             self.num_compactions += 1
         _, _, h_kv, d = k_cache.shape
